@@ -33,5 +33,6 @@ case "$purpose" in
     fi
     ;;
 esac
+[ -f src/storage/native/build/Release/dve_io.node ] || npm run build:native >&2
 # Always rebuild the TypeScript so a checkout that moved on runs its own code.
 npx tsc -p tsconfig.json >&2

@@ -39,20 +39,34 @@ export class IoBatchQueue {
   private current: Batch | null = null;
   private readonly free: Batch[] = [];
   private scheduled = false;
+  /** Try RWF_NOWAIT reads/writes on the event loop first (off once the kernel says it cannot). */
+  private readNow = true;
+  private writeNow = true;
   /** Batches handed to worker threads and not yet completed. */
   inflightBatches = 0;
 
-  constructor(native: NativeIo | null = nativeIo) {
+  constructor(native: NativeIo | null = nativeIo, options: { tryNow?: boolean } = {}) {
     this.native = native;
+    this.readNow = this.writeNow = options.tryNow ?? process.env.DVE_IO_TRY_NOW !== '0';
   }
 
   get isNative(): boolean {
     return this.native !== null;
   }
 
-  /** Read `lengthBytes` into `buffer` (past the end of a file reads as zeros). */
+  /**
+   * Read `lengthBytes` into `buffer` (past the end of a file reads as zeros). A read
+   * the page cache can answer at once is done right here (RWF_NOWAIT) and completes
+   * synchronously; anything else goes to the thread pool.
+   */
   read(fd: number, buffer: Buffer, offsetBytes: number, lengthBytes: number, done: OpDone): void {
-    if (this.native === null) return readFully(fd, buffer, lengthBytes, offsetBytes, 0, done);
+    const native = this.native;
+    if (native === null) return readFully(fd, buffer, lengthBytes, offsetBytes, 0, done);
+    if (this.readNow) {
+      const r = native.tryReadNow(fd, buffer, offsetBytes, lengthBytes);
+      if (r >= 0) return done(r);
+      if (r === -HOST_ERRNO.EOPNOTSUPP || r === -HOST_ERRNO.EINVAL) this.readNow = false;
+    }
     this.push(IoOp.READ, fd, offsetBytes, lengthBytes, buffer, done, false);
   }
 
@@ -63,7 +77,14 @@ export class IoBatchQueue {
         ? (r) => (r < 0 ? done(r) : fs.fdatasync(fd, (err) => done(err ? errnoOf(err) : r)))
         : done);
     }
-    if (!fua) return this.push(IoOp.WRITE, fd, offsetBytes, lengthBytes, buffer, done, false);
+    if (!fua) {
+      if (this.writeNow) {
+        const r = this.native.tryWriteNow(fd, buffer, offsetBytes, lengthBytes);
+        if (r >= 0) return done(r);
+        if (r === -HOST_ERRNO.EOPNOTSUPP || r === -HOST_ERRNO.EINVAL) this.writeNow = false;
+      }
+      return this.push(IoOp.WRITE, fd, offsetBytes, lengthBytes, buffer, done, false);
+    }
     this.push(IoOp.WRITE, fd, offsetBytes, lengthBytes, buffer, null, false);
     this.push(IoOp.FDATASYNC, fd, 0, 0, null, done, true);
   }

@@ -65,6 +65,14 @@ export interface NativeIo {
   blockDeviceSize(fd: number): number;
   /** fstat + S_ISBLK. */
   isBlockDevice(fd: number): boolean;
+  /**
+   * preadv2(RWF_NOWAIT) on the calling thread: `length` (bytes read; past EOF reads
+   * as zeros) when no blocking I/O was needed, else -errno; -11 (EAGAIN) means
+   * "not in the page cache, use submit()". A partial read is reported as -11.
+   */
+  tryReadNow(fd: number, buffer: Buffer, offset: number, length: number): number;
+  /** pwritev2(RWF_NOWAIT): like tryReadNow, for writes the filesystem takes without waiting. */
+  tryWriteNow(fd: number, buffer: Buffer, offset: number, length: number): number;
 }
 
 /** Errors thrown by the sync calls carry these fields, like Node's fs errors. */
