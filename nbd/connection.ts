@@ -310,6 +310,7 @@ export class Connection implements RequestSink {
     const s = this.socket;
     const out = this.outbox;
     const n = out.length;
+    if (n === 0) return; // already flushed by finishDrain
     if (s.destroyed || !s.writable) {
       out.length = 0;
       return;
@@ -357,6 +358,7 @@ export class Connection implements RequestSink {
   }
 
   private finishDrain(): void {
+    this.flushOutbox(); // replies of this tick go out before the FIN
     this.phase = Phase.CLOSED;
     this.socket.end();
   }
