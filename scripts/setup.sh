@@ -19,7 +19,7 @@ need_apt() {
 
 case "$purpose" in
   test|bench)
-    missing=$(need_apt libnbd-bin nbdfuse qemu-utils fio nbdkit nbd-server nbd-client fuse3 e2fsprogs util-linux)
+    missing=$(need_apt libnbd-bin python3-libnbd nbdfuse qemu-utils fio nbdkit nbd-server nbd-client fuse3 e2fsprogs util-linux)
     if [ -n "$missing" ]; then
       if [ "$(id -u)" != 0 ]; then
         echo "dve setup: missing Debian packages: $missing (run as root, or install them)" >&2

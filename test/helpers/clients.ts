@@ -18,6 +18,9 @@ const NBDSH_ENV = { PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}` };
 export async function nbdsh(uri: string | null, script: string, timeoutSec = 60): Promise<RunResult & { result: any }> {
   const args = uri ? ['-u', uri, '-c', script] : ['-c', script];
   const r = await run('nbdsh', args, { timeoutSec, env: NBDSH_ENV });
+  if (r.code === 127 || /No module named '?nbd/.test(r.stderr)) {
+    throw new Error(`nbdsh is not usable here; it comes with the Debian package python3-libnbd (for /usr/bin/python3):\n${r.stderr}`);
+  }
   const m = /^RESULT (.*)$/m.exec(r.stdout);
   let result: any;
   if (m) {

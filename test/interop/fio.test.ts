@@ -13,8 +13,9 @@ async function fio(t: ExecutionContext, uri: string, outDir: string, name: strin
   const jsonFile = path.join(outDir, `${name}.json`);
   const r = await run(
     'fio',
-    ['--thread', '--ioengine=nbd', `--uri=${uri}`, `--name=${name}`, '--output-format=json', `--output=${jsonFile}`, ...opts],
-    { timeoutSec: 60 },
+    // No verify state files (fio would drop local-NAME-N-verify.state into its cwd); cwd is the temp dir anyway.
+    ['--thread', '--ioengine=nbd', `--uri=${uri}`, `--name=${name}`, '--verify_state_save=0', '--output-format=json', `--output=${jsonFile}`, ...opts],
+    { timeoutSec: 60, cwd: outDir },
   );
   t.is(r.code, 0, describeResult(r));
   t.notRegex(r.stdout + r.stderr, /verify|bad magic|crc32c|error/i, describeResult(r));
