@@ -68,6 +68,8 @@ export class FileBackend implements Backend {
         fs.closeSync(fd);
       }
     }
+    const pre = fs.statSync(abs);
+    if (!pre.isFile() && !pre.isBlockDevice()) throw new Error(`${abs} is neither a regular file nor a block device`);
     const fd = fs.openSync(abs, readOnly ? 'r' : 'r+');
     try {
       const st = fs.fstatSync(fd);
