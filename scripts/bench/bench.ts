@@ -64,8 +64,17 @@ interface Options {
   keep: boolean;
 }
 
-const USAGE = `usage: bench.ts [--runtime S] [--ramp S] [--size SIZE] [--jobs 1,3]
-                [--servers ${ALL_SERVERS.join(',')}] [--seed N] [--json FILE] [--readme] [--keep]`;
+const USAGE = `usage: npm run bench -- [options]   (or: node --import tsx scripts/bench/bench.ts [options])
+  --runtime S       measured seconds per job per server (default 10)
+  --ramp S          fio ramp_time before measuring (default 2)
+  --size SIZE       backing file size, e.g. 512M, 1G (default 1G)
+  --jobs LIST       subset of jobs by number, e.g. 1,3 (default all):
+${JOBS.map((j) => `                      ${j.id}. ${j.label}`).join('\n')}
+  --servers LIST    subset of ${ALL_SERVERS.join(',')} (default all)
+  --seed N          fio --randseed (default random, printed in the header)
+  --json FILE       write raw results (including fio's per-direction stats)
+  --readme          rewrite the bench:begin/bench:end section of README.md
+  --keep            keep the temporary directory (backing file, server configs)`;
 
 function parseOptions(argv: string[]): Options {
   const { values } = parseArgs({
@@ -510,7 +519,7 @@ interface Measurement {
   cpuUsPerIo: number;
   serverCpuPercent: number;
   serverProcesses: number;
-  /** 1-minute load average when the server was started. */
+  /** 1-minute load average right after the fio run (other work on the machine skews results). */
   loadAvg: number;
   serverCommand: string;
   fioCommand: string;
@@ -833,8 +842,6 @@ function readmeSection(opts: Options, env: Environment, results: readonly Measur
   const ratios = ratioReport(results, opts.jobs);
   const v = env.versions;
   const lines = [
-    '## Benchmark',
-    '',
     `_Generated on ${env.date.slice(0, 10)} by \`${reproduceCommand(opts)} --readme\`._`,
     '',
     `Machine: ${env.nproc} × ${env.cpuModel}, ${env.memGiB} GiB RAM, ${env.kernel}, Node ${v.node}, ` +
@@ -858,14 +865,17 @@ function readmeSection(opts: Options, env: Environment, results: readonly Measur
 const BEGIN = '<!-- bench:begin -->';
 const END = '<!-- bench:end -->';
 
-/** Replaces only the marked section of README.md (creating the file or section if needed). */
+/**
+ * Replaces only the marked section of README.md; the text around it belongs to others.
+ * Without README.md, creates one holding just a heading and the section.
+ */
 function updateReadme(section: string): string {
   const file = path.join(REPO_ROOT, 'README.md');
   const block = `${BEGIN}\n${section}\n${END}`;
   const current = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : undefined;
   let next: string;
   if (current === undefined) {
-    next = `${block}\n`;
+    next = `## Benchmarks\n\n${block}\n`;
   } else {
     const b = current.indexOf(BEGIN);
     const e = current.indexOf(END, b);
