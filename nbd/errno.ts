@@ -37,7 +37,7 @@ export function nbdErrorFromResult(result: number): number {
 /** Map a thrown Node error (with .errno negative or .code 'EIO') to a backend result. */
 export function resultFromError(err: unknown): number {
   const e = err as NodeJS.ErrnoException | undefined;
-  if (e && typeof e.errno === 'number') return e.errno < 0 ? e.errno : -e.errno;
+  if (e && typeof e.errno === 'number' && e.errno !== 0) return e.errno < 0 ? e.errno : -e.errno;
   if (e && typeof e.code === 'string') {
     const n = (E as Record<string, number>)[e.code];
     if (typeof n === 'number') return -n;

@@ -20,7 +20,7 @@
 import {
   BASE_ALLOCATION,
   IHAVEOPT, NBDMAGIC, NBD_FLAG_C_KNOWN, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE,
-  NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME,
+  NBD_FLAG_NO_ZEROES, NBD_FLAG_SEND_DF, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME,
   NBD_MAX_STRING_BYTES, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT, NBD_OPT_REPLY_MAGIC, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP,
@@ -80,6 +80,7 @@ export class Handshake {
   private noZeroes = false;
   private structuredReplies = false;
   private baseAllocation = false;
+  private metaContextExport: string | null = null;
   private optionsSeen = 0;
   private option = 0;
   private optionBytes = 0;
@@ -173,7 +174,7 @@ export class Handshake {
         if (!exp) return { kind: 'close', reason: `NBD_OPT_EXPORT_NAME: no export "${data.toString('utf8')}"`, clientError: true };
         const b = Buffer.alloc(this.noZeroes ? 10 : 134);
         b.writeBigUInt64BE(BigInt(exp.sizeBytes), 0);
-        b.writeUInt16BE(exp.transmissionFlags, 8);
+        b.writeUInt16BE(this.flagsFor(exp), 8);
         out.push(b);
         return this.enterTransmission(exp);
       }
@@ -246,7 +247,7 @@ export class Handshake {
     const ie = Buffer.alloc(12);
     ie.writeUInt16BE(NBD_INFO_EXPORT, 0);
     ie.writeBigUInt64BE(BigInt(exp.sizeBytes), 2);
-    ie.writeUInt16BE(exp.transmissionFlags, 10);
+    ie.writeUInt16BE(this.flagsFor(exp), 10);
     out.push(optionReply(option, NBD_REP_INFO, ie));
     out.push(optionReply(option, NBD_REP_ACK));
     return option === NBD_OPT_GO ? this.enterTransmission(exp) : { kind: 'continue' };
@@ -254,6 +255,11 @@ export class Handshake {
 
   private onMetaContext(option: number, data: Buffer, out: Buffer[]): HandshakeOutcome {
     const set = option === NBD_OPT_SET_META_CONTEXT;
+    // SET replaces the previous selection, "including when this command fails".
+    if (set) {
+      this.baseAllocation = false;
+      this.metaContextExport = null;
+    }
     if (set && !this.structuredReplies) {
       return this.reject(out, option, NBD_REP_ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs NBD_OPT_STRUCTURED_REPLY first');
     }
@@ -276,13 +282,22 @@ export class Handshake {
     if (selected) {
       const n = Buffer.from(BASE_ALLOCATION, 'utf8');
       const p = Buffer.alloc(4 + n.length);
-      p.writeUInt32BE(BASE_ALLOCATION_CONTEXT_ID, 0);
+      // LIST replies SHOULD carry id 0; SET hands out the id used in replies.
+      p.writeUInt32BE(set ? BASE_ALLOCATION_CONTEXT_ID : 0, 0);
       n.copy(p, 4);
       out.push(optionReply(option, NBD_REP_META_CONTEXT, p));
     }
-    if (set) this.baseAllocation = selected;
+    if (set) {
+      this.baseAllocation = selected;
+      this.metaContextExport = name;
+    }
     out.push(optionReply(option, NBD_REP_ACK));
     return { kind: 'continue' };
+  }
+
+  /** The spec: SEND_DF MUST be clear unless structured replies were negotiated. */
+  private flagsFor(exp: ExportInfo): number {
+    return this.structuredReplies ? exp.transmissionFlags : exp.transmissionFlags & ~NBD_FLAG_SEND_DF;
   }
 
   private enterTransmission(exp: ExportInfo): HandshakeOutcome {
@@ -292,9 +307,15 @@ export class Handshake {
       kind: 'transmission',
       export: exp,
       structuredReplies: this.structuredReplies,
-      baseAllocation: this.baseAllocation && this.structuredReplies,
+      // Contexts were selected for one export: going to another drops them (as nbdkit does).
+      baseAllocation: this.baseAllocation && this.structuredReplies && this.sameExport(exp),
       rest,
     };
+  }
+
+  private sameExport(exp: ExportInfo): boolean {
+    const chosen = this.metaContextExport === null ? undefined : this.catalog.lookup(this.metaContextExport);
+    return chosen !== undefined && chosen.name === exp.name;
   }
 
   private reject(out: Buffer[], option: number, type: number, message: string): HandshakeOutcome {

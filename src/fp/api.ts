@@ -41,6 +41,12 @@ export interface FpMapping {
   /** Volume byte range the mapping covers. */
   startBytes: number;
   lengthBytes: number;
+  /**
+   * The descriptor offset of `startBytes`: byte x of the volume lives at descriptor
+   * offset x - startBytes + relativeStartBytes (an rmap extent may start anywhere
+   * inside the storage its redirect entry describes, after trims and splits).
+   */
+  relativeStartBytes: number;
   /** The redirect entry's identity within the volume (VSEG-qualified). */
   redirectId: number;
   storage: StorageDescriptor;

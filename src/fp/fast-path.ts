@@ -165,7 +165,7 @@ export class FastPath implements Backend, FpApi {
     if (p.offsetBytes + p.lengthBytes > c.endBytes) return this.fault(p, FaultClass.SPANS);
     const write = p.op === UpstreamOp.WRITE;
     if (write ? c.m.faultOnWrite : c.m.faultOnRead) return this.fault(p, write ? FaultClass.FAULT_ON_WRITE : FaultClass.FAULT_ON_READ);
-    const rel = p.offsetBytes - c.m.startBytes;
+    const rel = p.offsetBytes - c.m.startBytes + c.m.relativeStartBytes;
     const s = c.m.storage;
     switch (s.kind) {
       case 'linear':

@@ -44,7 +44,7 @@ function setup(n = 3): { fp: FastPath; cp: ScriptedCp; disks: Map<string, Memory
 
 const io = (f: (done: (r: number) => void) => void): Promise<number> => new Promise((resolve) => f(resolve));
 const linear = (start: number, len: number, disk: string, at: number, extra: Partial<FpMapping> = {}): FpMapping => ({
-  startBytes: start, lengthBytes: len, redirectId: 1, storage: { kind: 'linear', at: { disk, offsetBytes: at } },
+  startBytes: start, lengthBytes: len, relativeStartBytes: 0, redirectId: 1, storage: { kind: 'linear', at: { disk, offsetBytes: at } },
   faultOnRead: false, faultOnWrite: false, ...extra,
 });
 
@@ -104,7 +104,7 @@ test('fault-on-read and fault-on-write go to the CP with their class', async (t)
 test('a request spanning two mappings faults SPANS; so does one crossing a stripe', async (t) => {
   const { fp, cp } = setup();
   fp.addMapping(linear(0, MiB, 'd1', 0));
-  fp.addMapping({ startBytes: MiB, lengthBytes: 4 * MiB, redirectId: 2, faultOnRead: false, faultOnWrite: false,
+  fp.addMapping({ startBytes: MiB, lengthBytes: 4 * MiB, relativeStartBytes: 0, redirectId: 2, faultOnRead: false, faultOnWrite: false,
     storage: { kind: 'striped', stripeBytes: 64 * 1024, columns: [{ disk: 'd1', offsetBytes: 4 * MiB }, { disk: 'd2', offsetBytes: 0 }] } });
   void io((d) => fp.read(Buffer.alloc(8192), MiB - 4096, d));
   void io((d) => fp.read(Buffer.alloc(8192), MiB + 64 * 1024 - 4096, d));
@@ -114,7 +114,7 @@ test('a request spanning two mappings faults SPANS; so does one crossing a strip
 test('stripe: each stripe lands on its column at the RAID0 offset', async (t) => {
   const { fp, disks } = setup();
   const stripe = 64 * 1024;
-  fp.addMapping({ startBytes: 0, lengthBytes: 4 * MiB, redirectId: 1, faultOnRead: false, faultOnWrite: false,
+  fp.addMapping({ startBytes: 0, lengthBytes: 4 * MiB, relativeStartBytes: 0, redirectId: 1, faultOnRead: false, faultOnWrite: false,
     storage: { kind: 'striped', stripeBytes: stripe, columns: [{ disk: 'd1', offsetBytes: 0 }, { disk: 'd2', offsetBytes: MiB }] } });
   for (let k = 0; k < 6; k++) {
     t.is(await io((d) => fp.write(Buffer.alloc(stripe, k + 1), k * stripe, false, d)), 0);
@@ -130,7 +130,7 @@ test('write-split: acknowledged only when every live side has it; reads skip dea
   const { fp, disks, faulty } = setup();
   for (const f of faulty.values()) f.latencyMs = 0;
   faulty.get('d2')!.latencyMs = 30;
-  fp.addMapping({ startBytes: 0, lengthBytes: 4 * MiB, redirectId: 1, faultOnRead: false, faultOnWrite: false,
+  fp.addMapping({ startBytes: 0, lengthBytes: 4 * MiB, relativeStartBytes: 0, redirectId: 1, faultOnRead: false, faultOnWrite: false,
     storage: { kind: 'mirrored', sides: [{ disk: 'd1', offsetBytes: 0 }, { disk: 'd2', offsetBytes: 0 }, { disk: 'd3', offsetBytes: 0 }] },
     sideStates: ['live', 'live', 'dead'] });
   const data = Buffer.alloc(4096, 0x42);
@@ -151,7 +151,7 @@ test('write-split: acknowledged only when every live side has it; reads skip dea
 test('serialization: a mirrored write overlapping one in flight faults to the CP', async (t) => {
   const { fp, cp, faulty } = setup();
   faulty.get('d1')!.latencyMs = 20;
-  fp.addMapping({ startBytes: 0, lengthBytes: MiB, redirectId: 1, faultOnRead: false, faultOnWrite: false,
+  fp.addMapping({ startBytes: 0, lengthBytes: MiB, relativeStartBytes: 0, redirectId: 1, faultOnRead: false, faultOnWrite: false,
     storage: { kind: 'mirrored', sides: [{ disk: 'd1', offsetBytes: 0 }, { disk: 'd2', offsetBytes: 0 }] } });
   const first = io((d) => fp.write(Buffer.alloc(8192, 1), 0, false, d));
   void io((d) => fp.write(Buffer.alloc(4096, 2), 4096, false, d));
@@ -164,7 +164,7 @@ test('serialization: a mirrored write overlapping one in flight faults to the CP
 test('downstream error: a failed side faults the write to the CP with the failed side recorded', async (t) => {
   const { fp, cp, faulty } = setup();
   faulty.get('d2')!.fail('write', EIO, 1);
-  fp.addMapping({ startBytes: 0, lengthBytes: MiB, redirectId: 1, faultOnRead: false, faultOnWrite: false,
+  fp.addMapping({ startBytes: 0, lengthBytes: MiB, relativeStartBytes: 0, redirectId: 1, faultOnRead: false, faultOnWrite: false,
     storage: { kind: 'mirrored', sides: [{ disk: 'd1', offsetBytes: 0 }, { disk: 'd2', offsetBytes: 0 }] } });
   const w = io((d) => fp.write(Buffer.alloc(512, 9), 0, false, d));
   await new Promise((r) => setTimeout(r, 5));
@@ -210,4 +210,12 @@ test('the mapping cache is bounded and evicts the least recently used', async (t
   t.is(cp.misses.length, 0, 'the recently used one stayed');
   void io((d) => fp.read(Buffer.alloc(512), 4096, d));
   t.deepEqual(cp.misses, [[4096, 512]], 'the least recently used one went');
+});
+
+test('remap honours relativeStartBytes: a trimmed extent still finds its bytes', async (t) => {
+  const { fp, disks } = setup();
+  // The extent starts 64 KiB into the storage its redirect entry describes.
+  fp.addMapping({ ...linear(MiB, MiB, 'd1', 2 * MiB), relativeStartBytes: 65536 });
+  t.is(await io((d) => fp.write(Buffer.alloc(512, 0x11), MiB, false, d)), 0);
+  t.true(disks.get('d1')!.data.subarray(2 * MiB + 65536, 2 * MiB + 65536 + 512).equals(Buffer.alloc(512, 0x11)));
 });
