@@ -18,6 +18,8 @@ export { IoOp };
 export type OpDone = (result: number) => void;
 
 const BATCH_CAPACITY = 256;
+/** Larger reads go to the pool even when cached: a big copy on the event loop stalls every connection. */
+const TRY_NOW_MAX_BYTES = Number(process.env.DVE_TRY_NOW_MAX_BYTES ?? 128 * 1024);
 
 class Batch {
   count = 0;
@@ -62,7 +64,7 @@ export class IoBatchQueue {
   read(fd: number, buffer: Buffer, offsetBytes: number, lengthBytes: number, done: OpDone): void {
     const native = this.native;
     if (native === null) return readFully(fd, buffer, lengthBytes, offsetBytes, 0, done);
-    if (this.readNow) {
+    if (this.readNow && lengthBytes <= TRY_NOW_MAX_BYTES) {
       const r = native.tryReadNow(fd, buffer, offsetBytes, lengthBytes);
       if (r >= 0) return done(r);
       if (r === -HOST_ERRNO.EOPNOTSUPP || r === -HOST_ERRNO.EINVAL) this.readNow = false;
