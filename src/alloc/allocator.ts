@@ -17,6 +17,7 @@
  * misaligned or out-of-range extents, duplicate disks) throw.
  */
 import { formatSize } from '../util/size.js';
+import { isPowerOfTwo, isSafeNonNegInt } from '../util/number.js';
 
 export const DEFAULT_EXTENT_BYTES = 4 * 1024 * 1024;
 export const MIN_EXTENT_BYTES = 64 * 1024;
@@ -99,19 +100,7 @@ interface Run {
   count: number;
 }
 
-function isSafeNonNegInt(n: unknown): n is number {
-  return typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
-}
 
-function isPowerOfTwo(n: number): boolean {
-  if (!Number.isSafeInteger(n) || n <= 0) return false;
-  // Safe for values above 2^31 too (no bit operators).
-  while (n > 1) {
-    if (n % 2 !== 0) return false;
-    n /= 2;
-  }
-  return true;
-}
 
 function plural(n: number, word: string): string {
   return `${n} ${word}${n === 1 ? '' : 's'}`;

@@ -15,7 +15,7 @@
  * The FP never writes metadata.
  */
 import type { Backend, BackendCapabilities, ExtentsDone, IoDone, ZeroOptions } from '../storage/backend.js';
-import type { StorageDescriptor } from '../map/storage-descriptor.js';
+import { placementsOf } from '../storage/layout.js';
 import {
   FaultClass, UpstreamOp, nowUs,
   type CpApi, type FpApi, type FpMapping, type FpStatistics, type PendingIo, type UpstreamIo,
@@ -383,20 +383,5 @@ export class FastPath implements Backend, FpApi {
 
   statistics(): FpStatistics {
     return { ...this.stats, faults: [...this.stats.faults], pendingUpstream: this.pending.size, pendingDownstream: this.pendingDownstream, cachedMappings: this.mappings.length };
-  }
-}
-
-/** Every placement of a descriptor, in the order the FP indexes backends. */
-export function placementsOf(s: StorageDescriptor): { disk: string; offsetBytes: number }[] {
-  switch (s.kind) {
-    case 'linear':
-    case 'journal':
-      return [s.at];
-    case 'striped':
-      return s.columns;
-    case 'mirrored':
-      return s.sides;
-    case 'striped-mirrored':
-      return s.columns.flat();
   }
 }

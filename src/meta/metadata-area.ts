@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { nativeIo } from '../storage/native-io.js';
+import { blockDeviceSize } from '../storage/file-backend.js';
 import type { MetaDevice } from './chunk-store.js';
 
 export interface FileMetaDeviceOptions {
@@ -143,12 +143,4 @@ export class FileMetaDevice implements MetaDevice {
       throw new RangeError(`${op} of ${buf.length} bytes at ${offsetBytes} is outside the ${this.description}`);
     }
   }
-}
-
-function blockDeviceSize(fd: number, st: fs.Stats): number {
-  if (nativeIo) return nativeIo.blockDeviceSize(fd);
-  const major = Math.floor(st.rdev / 256) & 0xfff;
-  const minor = (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00);
-  const sectors = Number(fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim());
-  return sectors * 512;
 }

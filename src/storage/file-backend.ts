@@ -200,7 +200,7 @@ export class FileBackend implements Backend {
 }
 
 /** Size of a block device: BLKGETSIZE64 through the addon, else sysfs. */
-function blockDeviceSize(fd: number, st: fs.Stats): number {
+export function blockDeviceSize(fd: number, st: fs.Stats): number {
   if (nativeIo) return nativeIo.blockDeviceSize(fd);
   const major = Math.floor(st.rdev / 256) & 0xfff;
   const minor = (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00);

@@ -17,6 +17,7 @@
  */
 import type { Placement, StorageDescriptor } from '../map/storage-descriptor.js';
 import { formatSize } from '../util/size.js';
+import { isPowerOfTwo, isSafeNonNegInt } from '../util/number.js';
 
 export type { Placement, StorageDescriptor };
 
@@ -41,18 +42,7 @@ export interface Piece {
 export type SideState = 'live' | 'dead' | 'resyncing';
 export type ReadPolicy = 'round-robin' | 'cost';
 
-function isSafeNonNegInt(n: unknown): n is number {
-  return typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
-}
 
-function isPowerOfTwo(n: number): boolean {
-  if (!Number.isSafeInteger(n) || n <= 0) return false;
-  while (n > 1) {
-    if (n % 2 !== 0) return false;
-    n /= 2;
-  }
-  return true;
-}
 
 function placementError(p: unknown, what: string): string | null {
   const q = p as Partial<Placement> | null;
