@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 purpose="${1:-start}"
 
 if [ ! -d node_modules ] || [ ! -f dist/src/cli/main.js ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  echo "dve setup: installing npm packages (npm ci)" >&2
-  npm ci --no-audit --no-fund >&2
+  echo "dve setup: installing npm packages" >&2
+  # npm ci when the lock file is complete; npm 11 sometimes writes lock files that
+  # lack other platforms' optional packages (msgpackr-extract), which npm ci refuses.
+  npm ci --no-audit --no-fund >&2 2>/dev/null || npm install --no-audit --no-fund >&2
 fi
 
 need_apt() {
