@@ -51,8 +51,7 @@ program
       process.exit(1);
     }
     const exp = serving.server.exports.list()[0]!;
-    const port = serving.uris[0]?.startsWith('nbd://') ? Number(/:(\d+)\//.exec(serving.uris[0])![1]) : null;
-    process.stdout.write(attachHelp(exp.name, exp.sizeBytes, exp.description, serving.uris, port, o.bind) + '\n');
+    process.stdout.write(attachHelp(exp.name, exp.sizeBytes, exp.description, serving.uris, serving.port, o.bind) + '\n');
     onStopSignal(log, () => serving.stop());
   });
 

@@ -24,6 +24,8 @@ export interface ServeOptions {
 export interface Serving {
   server: NbdServer;
   uris: string[];
+  /** The bound TCP port (the real one when 0 was asked for), or null for Unix-only. */
+  port: number | null;
   stop(): Promise<void>;
 }
 
@@ -44,6 +46,7 @@ export async function startServe(o: ServeOptions, log: Logger): Promise<Serving>
   return {
     server,
     uris,
+    port: listen.port,
     stop: () => (stopping ??= (async () => {
       await server.close();
       await backend.close();

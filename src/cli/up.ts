@@ -51,7 +51,7 @@ export async function runUp(o: UpOptions, onStop: (log: ReturnType<typeof create
   fs.writeFileSync(pidFile(stateDir), `${process.pid}\n`);
   const exp = serving.server.exports.list()[0]!;
   process.stdout.write(`dve up: state directory ${stateDir} (pid ${process.pid})\n`);
-  process.stdout.write(attachHelp(exp.name, exp.sizeBytes, exp.description, serving.uris, o.port, o.bind) + '\n');
+  process.stdout.write(attachHelp(exp.name, exp.sizeBytes, exp.description, serving.uris, serving.port, o.bind) + '\n');
   onStop(log, async () => {
     await serving.stop();
     fs.rmSync(pidFile(stateDir), { force: true });
