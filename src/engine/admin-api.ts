@@ -1,0 +1,126 @@
+/**
+ * What the engine offers operators: the admin API behind `dve volume …`, `dve disk …`
+ * and `dve status`. The node implements it (src/engine/engine.ts); the admin
+ * server carries it over HTTP+JSON (src/admin/); the CLI prints it as tables or,
+ * with --json, as these objects verbatim.
+ */
+import type { Endpoint } from '../config/config.js';
+
+export type Layout = 'linear' | 'striped' | 'mirrored' | 'striped-mirrored';
+export const LAYOUTS: readonly Layout[] = ['linear', 'striped', 'mirrored', 'striped-mirrored'];
+
+export interface VolumeCreateRequest {
+  name: string;
+  sizeBytes: number;
+  layout: Layout;
+  /** Disks to allocate from (default: all online disks). */
+  disks?: string[];
+  /** Mirror sides (mirrored, striped-mirrored; default 2). */
+  copies?: number;
+  /** Stripe width (striped, striped-mirrored; default 64 KiB). */
+  stripeBytes?: number;
+  /** Stripe columns (striped, striped-mirrored; default: as many disks as allowed, at most 4). */
+  columns?: number;
+}
+
+export interface FpStatisticsView {
+  hits: number;
+  faults: Record<string, number>;
+  cpDispatched: number;
+  pendingUpstream: number;
+  pendingDownstream: number;
+  cachedMappings: number;
+  /** hits / (hits + faults), 1 when idle. */
+  fpShare: number;
+}
+
+export interface VolumeInfo {
+  name: string;
+  sizeBytes: number;
+  layout: Layout;
+  copies: number;
+  stripeBytes: number | null;
+  columns: number;
+  /** Disks holding any of its extents. */
+  disks: string[];
+  vsegs: number;
+  extents: number;
+  /** ok; degraded (a mirror side dead); resyncing (a side catching up). */
+  state: 'ok' | 'degraded' | 'resyncing';
+  /** Where it is exported. */
+  uris: string[];
+  allocatedBytes: number;
+  fp: FpStatisticsView;
+}
+
+export interface DiskInfo {
+  id: string;
+  path: string;
+  sizeBytes: number;
+  blockDevice: boolean;
+  state: 'online' | 'offline' | 'failed';
+  extentBytes: number;
+  extents: number;
+  freeExtents: number;
+}
+
+export interface TaskInfo {
+  id: string;
+  kind: 'resync';
+  /** What it works on: "disk d2" / "volume v1". */
+  target: string;
+  state: 'running' | 'done' | 'failed' | 'cancelled';
+  doneBytes: number;
+  totalBytes: number;
+  percent: number;
+  rateBytesPerSec: number;
+  startedAt: string;
+  finishedAt: string | null;
+  message: string | null;
+}
+
+export interface NodeInfo {
+  id: number;
+  pid: number;
+  state: 'online' | 'booting';
+  nbd: Endpoint;
+  admin: Endpoint;
+  startedAt: string;
+}
+
+export interface NodeStatus {
+  nodes: NodeInfo[];
+  volumes: VolumeInfo[];
+  disks: DiskInfo[];
+  tasks: TaskInfo[];
+  metadata: { path: string; chunkCount: number; chunksUsed: number; chunkBytes: number };
+}
+
+export interface VerifyReport {
+  volume: string;
+  comparedBytes: number;
+  /** Ranges where mirror sides differ, with the sides that differ from side 0. */
+  mismatches: { offsetBytes: number; lengthBytes: number; sides: number[] }[];
+}
+
+/** Typed operating errors with stable codes; the CLI prints the message and exits 1. */
+export type AdminErrorCode = 'ENOENT' | 'EEXIST' | 'ENOSPC' | 'EINVAL' | 'EBUSY' | 'EIO';
+export class AdminError extends Error {
+  constructor(readonly code: AdminErrorCode, message: string) {
+    super(message);
+  }
+}
+
+export interface EngineAdmin {
+  status(): NodeStatus;
+  listVolumes(): VolumeInfo[];
+  showVolume(name: string): VolumeInfo;
+  createVolume(req: VolumeCreateRequest): Promise<VolumeInfo>;
+  growVolume(name: string, sizeBytes: number): Promise<VolumeInfo>;
+  deleteVolume(name: string): Promise<void>;
+  listDisks(): DiskInfo[];
+  offlineDisk(id: string): Promise<DiskInfo>;
+  /** Brings a disk back; resyncs the mirror sides on it as a background task (returned). */
+  onlineDisk(id: string): Promise<TaskInfo | null>;
+  verifyVolume(name: string): Promise<VerifyReport>;
+}
