@@ -64,6 +64,19 @@ export class NbdServer {
     return s;
   }
 
+  /** Close every connection to an export that went away (its storage may be reused). */
+  closeExport(name: string): number {
+    let n = 0;
+    for (const c of this.connections) {
+      if (c.exportName === name) {
+        c.destroy();
+        n++;
+      }
+    }
+    if (n > 0) this.log.info({ export: name, connections: n }, 'export removed: connections closed');
+    return n;
+  }
+
   /** Stop accepting, drain every connection (bounded by `timeoutMs`), close. */
   async close(timeoutMs = 30_000): Promise<void> {
     await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));

@@ -7,6 +7,7 @@ import { createLogger } from '../log.js';
 import { parseSize } from '../util/size.js';
 import { attachHelp, startServe } from './serve.js';
 import { runUp, runDown } from './up.js';
+import { registerAdminCommands } from './admin-commands.js';
 
 const program = new Command();
 program
@@ -57,13 +58,19 @@ program
 
 program
   .command('up')
-  .description('bring up the main job on the embedded default (a node serving the default volume)')
+  .description('bring up the main job: a node serving its volumes (the embedded default without --config)')
   .option('--state-dir <dir>', 'state directory', process.env.DVE_STATE_DIR ?? './dve-state')
   .option('--port <port>', 'NBD TCP port', portArg, 10809)
   .option('--bind <address>', 'address to listen on', '127.0.0.1')
+  .option('--config <file>', 'node configuration (YAML or JSON); default: the embedded default in --state-dir')
+  .option('--id <n>', 'which node of the configuration this is (default: the first)', (v: string) => {
+    if (!/^\d+$/.test(v)) throw new InvalidArgumentError(`"${v}" is not a node id`);
+    return Number(v);
+  })
   .option('--detach', 'run in the background; `dve down` stops it', false)
   .addOption(logLevelOption())
-  .action(async (o: { stateDir: string; port: number; bind: string; detach: boolean; logLevel: string }) => {
+  .action(async (o: { stateDir: string; port: number; bind: string; detach: boolean; logLevel: string; config?: string; id?: number }) => {
+    (o as { nodeId?: number }).nodeId = o.id;
     await runUp(o, onStopSignal);
   });
 
@@ -74,6 +81,8 @@ program
   .action(async (o: { stateDir: string }) => {
     process.exitCode = await runDown(o.stateDir);
   });
+
+registerAdminCommands(program);
 
 /** SIGINT/SIGTERM: graceful stop, exit 0; a second signal exits at once. */
 function onStopSignal(log: ReturnType<typeof createLogger>, stop: () => Promise<void>): void {

@@ -1,19 +1,19 @@
 /**
- * `dve up` / `dve down`: the main job on the embedded default. Today that is one
- * node serving the default volume, a sparse file in the state directory; the
- * engine and cluster grow it into volumes over disks and a 3-node cluster.
+ * `dve up` / `dve down`: the main job. With no configuration, the embedded default:
+ * one node over four sparse disk files and a metadata area in the state directory,
+ * serving the volume `default` (1 GiB, 2-way mirrored) created on first boot.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { createLogger } from '../log.js';
-import { attachHelp, startServe } from './serve.js';
+import { attachHelp } from './serve.js';
+import { loadConfig } from '../config/config.js';
+import { DEFAULT_VOLUME, defaultConfig, startNode } from '../node/node.js';
 
-export const DEFAULT_VOLUME_BYTES = 1024 ** 3;
-export const DEFAULT_VOLUME_NAME = 'default';
 
-interface UpOptions { stateDir: string; port: number; bind: string; detach: boolean; logLevel: string }
+interface UpOptions { stateDir: string; port: number; bind: string; detach: boolean; logLevel: string; config?: string; nodeId?: number }
 
 function pidFile(stateDir: string): string {
   return path.join(stateDir, 'dve.pid');
@@ -40,20 +40,26 @@ export async function runUp(o: UpOptions, onStop: (log: ReturnType<typeof create
   }
   if (o.detach) return detach(o, stateDir);
   const log = createLogger(o.logLevel);
-  const file = path.join(stateDir, 'volumes', `${DEFAULT_VOLUME_NAME}.img`);
-  const serving = await startServe({
-    file, sizeBytes: fs.existsSync(file) ? undefined : DEFAULT_VOLUME_BYTES,
-    port: o.port, bind: o.bind, exportName: DEFAULT_VOLUME_NAME, readOnly: false,
-  }, log).catch((e: Error) => {
-    process.stderr.write(`dve up: ${e.message}\n`);
+  let node;
+  try {
+    const config = o.config ? loadConfig(o.config) : defaultConfig(stateDir, o.port);
+    node = await startNode({
+      config, nodeId: o.nodeId ?? config.nodes[0]!.id, stateDir, log,
+      firstBootVolumes: o.config ? [] : [DEFAULT_VOLUME],
+    });
+  } catch (e) {
+    process.stderr.write(`dve up: ${(e as Error).message}\n`);
     process.exit(1);
-  });
+  }
   fs.writeFileSync(pidFile(stateDir), `${process.pid}\n`);
-  const exp = serving.server.exports.list()[0]!;
-  process.stdout.write(`dve up: state directory ${stateDir} (pid ${process.pid})\n`);
-  process.stdout.write(attachHelp(exp.name, exp.sizeBytes, exp.description, serving.uris, serving.port, o.bind) + '\n');
+  const running = node;
+  process.stdout.write(`dve up: node ${running.engine.nodeInfo!.id} (pid ${process.pid}), state directory ${stateDir}\n`);
+  process.stdout.write(`  admin: 127.0.0.1:${running.adminPort}   (dve status --state-dir ${o.stateDir})\n`);
+  for (const v of running.engine.listVolumes()) {
+    process.stdout.write(attachHelp(v.name, v.sizeBytes, `${v.layout} volume`, v.uris, running.nbdPort, '127.0.0.1') + '\n');
+  }
   onStop(log, async () => {
-    await serving.stop();
+    await running.stop();
     fs.rmSync(pidFile(stateDir), { force: true });
   });
 }
@@ -63,7 +69,10 @@ async function detach(o: UpOptions, stateDir: string): Promise<void> {
   const logPath = path.join(stateDir, 'dve.log');
   const out = fs.openSync(logPath, 'a');
   const bin = fileURLToPath(new URL('../../../bin/dve.js', import.meta.url));
-  const child = spawn(process.execPath, [bin, 'up', '--state-dir', stateDir, '--port', String(o.port), '--bind', o.bind, '--log-level', o.logLevel], {
+  const args = [bin, 'up', '--state-dir', stateDir, '--port', String(o.port), '--bind', o.bind, '--log-level', o.logLevel];
+  if (o.config) args.push('--config', path.resolve(o.config));
+  if (o.nodeId !== undefined) args.push('--id', String(o.nodeId));
+  const child = spawn(process.execPath, args, {
     detached: true, stdio: ['ignore', out, out],
   });
   child.unref();

@@ -163,12 +163,14 @@ export function embeddedDefault(stateDir: string, o: { nodes?: number; basePort?
   const n = o.nodes ?? 1;
   const base = o.basePort ?? 10809;
   const nodes: NodeConfig[] = [];
+  // Port 0 (tests) means "any free port" for every endpoint.
+  const port = (offset: number, i: number): number => (base === 0 ? 0 : base + offset + (i - 1));
   for (let i = 1; i <= n; i++) {
     nodes.push({
       id: i,
-      nbd: { host: '127.0.0.1', port: base + (i - 1) },
-      admin: { host: '127.0.0.1', port: base + 100 + (i - 1) },
-      mesh: { host: '127.0.0.1', port: base + 200 + (i - 1) },
+      nbd: { host: '127.0.0.1', port: port(0, i) },
+      admin: { host: '127.0.0.1', port: port(100, i) },
+      mesh: { host: '127.0.0.1', port: port(200, i) },
     });
   }
   const dir = path.resolve(stateDir);

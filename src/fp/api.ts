@@ -52,7 +52,11 @@ export interface FpMapping {
   storage: StorageDescriptor;
   faultOnRead: boolean;
   faultOnWrite: boolean;
-  /** Per-side liveness for mirrored storage (index = side); reads never go to a non-live side. */
+  /**
+   * Mirrored storage: the state of each placement, in placementsOf order (sides, or
+   * column-major for striped mirrors). Reads use only live sides; writes go to live
+   * and resyncing ones; dead sides get nothing. Absent: all live.
+   */
   sideStates?: readonly ('live' | 'dead' | 'resyncing')[];
 }
 

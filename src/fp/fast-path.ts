@@ -16,6 +16,7 @@
  */
 import type { Backend, BackendCapabilities, ExtentsDone, IoDone, ZeroOptions } from '../storage/backend.js';
 import { placementsOf } from '../storage/layout.js';
+import type { StorageDescriptor } from '../map/storage-descriptor.js';
 import {
   FaultClass, UpstreamOp, nowUs,
   type CpApi, type FpApi, type FpMapping, type FpStatistics, type PendingIo, type UpstreamIo,
@@ -30,10 +31,11 @@ interface Cached {
   /** linear/journal: [disk]; striped: one per column; mirrored: one per side; striped-mirrored: column-major. */
   backends: Backend[];
   offsets: number[];
-  /** Mirrored: sides a write goes to and a read may use. */
-  liveSides: number[];
+  /** Mirrored: per column, the sides a read may use (live) and a write goes to (live or resyncing). */
+  readSides: number[][];
+  writeSides: number[][];
+  sidesPerColumn: number;
   lastUsed: number;
-  mirrored: boolean;
 }
 
 class Pending implements UpstreamIo {
@@ -47,7 +49,10 @@ class Pending implements UpstreamIo {
   done: IoDone | null = null;
   /** Write-split: sides still to answer, and the first failure. */
   remaining = 0;
-  failedSides: number[] | null = null;
+  /** Indexes (in placementsOf order) of the downstream I/Os that failed, for the CP. */
+  failedPlacements: number[] | null = null;
+  /** The storage those indexes refer to. */
+  storage: StorageDescriptor | null = null;
   firstError = 0;
   cached: Cached | null = null;
   finished = false;
@@ -140,7 +145,8 @@ export class FastPath implements Backend, FpApi {
     p.receivedUs = nowUs();
     p.done = done;
     p.remaining = 0;
-    p.failedSides = null;
+    p.failedPlacements = null;
+    p.storage = null;
     p.firstError = 0;
     p.cached = null;
     p.finished = false;
@@ -170,19 +176,19 @@ export class FastPath implements Backend, FpApi {
     switch (s.kind) {
       case 'linear':
       case 'journal':
-        return this.issue(p, c, c.backends[0]!, c.offsets[0]! + rel, -1);
+        return this.issue(p, c, 0, c.offsets[0]! + rel);
       case 'striped': {
         const col = this.stripeColumn(s.stripeBytes, s.columns.length, rel, p.lengthBytes);
         if (col < 0) return this.fault(p, FaultClass.SPANS);
-        return this.issue(p, c, c.backends[col]!, c.offsets[col]! + this.inColumn(s.stripeBytes, s.columns.length, rel), -1);
+        return this.issue(p, c, col, c.offsets[col]! + this.inColumn(s.stripeBytes, s.columns.length, rel));
       }
       case 'mirrored':
-        return this.mirrored(p, c, 0, rel, s.sides.length);
+        return this.mirrored(p, c, 0, rel);
       case 'striped-mirrored': {
         const cols = s.columns.length;
         const col = this.stripeColumn(s.stripeBytes, cols, rel, p.lengthBytes);
         if (col < 0) return this.fault(p, FaultClass.SPANS);
-        return this.mirrored(p, c, col * s.columns[0]!.length, this.inColumn(s.stripeBytes, cols, rel), s.columns[0]!.length);
+        return this.mirrored(p, c, col, this.inColumn(s.stripeBytes, cols, rel));
       }
     }
   }
@@ -199,65 +205,67 @@ export class FastPath implements Backend, FpApi {
     return Math.floor(k / columns) * stripeBytes + (rel - k * stripeBytes);
   }
 
-  /** Mirrored extent: a read goes to one live side, a write splits to every live side. */
-  private mirrored(p: Pending, c: Cached, base: number, inSide: number, sides: number): void {
-    const live = c.liveSides;
+  /**
+   * Mirrored extent (`column` of a striped mirror, or 0): a read goes to one live
+   * side, round-robin; a write splits to every side that takes writes (live and
+   * resyncing) and is acknowledged when all of them have it.
+   */
+  private mirrored(p: Pending, c: Cached, column: number, inSide: number): void {
+    const base = column * c.sidesPerColumn;
     if (p.op === UpstreamOp.READ) {
-      // Round-robin over live sides (of this column, for striped-mirrored).
-      let chosen = -1;
-      for (let tries = 0; tries < live.length; tries++) {
-        const side = live[(this.readCounter++) % live.length]!;
-        if (side >= 0 && side < sides) {
-          chosen = side;
-          break;
-        }
-      }
-      if (chosen < 0) return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
-      return this.issue(p, c, c.backends[base + chosen]!, c.offsets[base + chosen]! + inSide, -1);
+      const live = c.readSides[column]!;
+      if (live.length === 0) return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
+      const side = live[(this.readCounter++) % live.length]!;
+      return this.issue(p, c, base + side, c.offsets[base + side]! + inSide);
     }
-    if (live.length === 0) return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
-    if (this.overlapsInflightMirroredWrite(p)) return this.fault(p, FaultClass.SERIALIZATION);
+    const sides = c.writeSides[column]!;
+    if (sides.length === 0) return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
+    if (this.overlapsInflightWrite(p)) return this.fault(p, FaultClass.SERIALIZATION);
     p.cached = c;
-    p.remaining = live.length;
+    p.remaining = sides.length;
     this.stats.hits++;
-    for (const side of live) {
+    for (const side of sides) {
       this.pendingDownstream++;
-      const side0 = side;
-      c.backends[base + side]!.write(p.buffer!, c.offsets[base + side]! + inSide, p.fua, (r) => this.onSideDone(p, side0, r));
+      const placement = base + side;
+      c.backends[placement]!.write(p.buffer!, c.offsets[placement]! + inSide, p.fua, (r) => this.onSideDone(p, placement, r));
     }
   }
 
-  private overlapsInflightMirroredWrite(p: Pending): boolean {
+  /** Local serialization: another write in flight through this FP overlaps this one. */
+  private overlapsInflightWrite(p: Pending): boolean {
     const end = p.offsetBytes + p.lengthBytes;
     for (const q of this.pending) {
-      if (q !== p && q.op === UpstreamOp.WRITE && q.cached !== null && q.cached.mirrored && q.remaining > 0 &&
-          q.offsetBytes < end && p.offsetBytes < q.offsetBytes + q.lengthBytes) return true;
+      if (q !== p && q.op === UpstreamOp.WRITE && q.offsetBytes < end && p.offsetBytes < q.offsetBytes + q.lengthBytes) return true;
     }
     return false;
   }
 
-  private onSideDone(p: Pending, side: number, r: number): void {
+  private onSideDone(p: Pending, placement: number, r: number): void {
     this.pendingDownstream--;
     if (r < 0) {
-      (p.failedSides ??= []).push(side);
+      (p.failedPlacements ??= []).push(placement);
       if (p.firstError === 0) p.firstError = r;
     }
     if (--p.remaining > 0) return;
-    if (p.failedSides === null) return this.finish(p, 0);
+    if (p.failedPlacements === null) return this.finish(p, 0);
     // Some side failed: the CP marks it dead, records the generation, and completes
     // the write on the live sides (the host sees no error while one side lives).
+    p.storage = p.cached!.m.storage;
     this.fault(p, FaultClass.DOWNSTREAM_ERROR);
   }
 
-  /** One downstream I/O for an upstream one (remap / stripe). */
-  private issue(p: Pending, c: Cached, disk: Backend, physicalBytes: number, _side: number): void {
+  /** One downstream I/O for an upstream one (remap / stripe / one side of a mirror). */
+  private issue(p: Pending, c: Cached, placement: number, physicalBytes: number): void {
     this.stats.hits++;
     this.pendingDownstream++;
     p.cached = c;
+    const disk = c.backends[placement]!;
     const onDone = (r: number): void => {
       this.pendingDownstream--;
       if (r < 0) {
         p.firstError = r;
+        p.failedPlacements = [placement];
+        p.storage = c.m.storage;
         return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
       }
       this.finish(p, 0);
@@ -345,14 +353,25 @@ export class FastPath implements Backend, FpApi {
       if (!b) throw new Error(`mapping for ${this.volume} names unknown disk ${pl.disk}`);
       return b;
     });
-    const mirrored = m.storage.kind === 'mirrored' || m.storage.kind === 'striped-mirrored';
-    const sides = m.storage.kind === 'mirrored' ? m.storage.sides.length
-      : m.storage.kind === 'striped-mirrored' ? m.storage.columns[0]!.length : 0;
-    const liveSides: number[] = [];
-    for (let s = 0; s < sides; s++) if ((m.sideStates?.[s] ?? 'live') === 'live') liveSides.push(s);
+    const st = m.storage;
+    const columns = st.kind === 'striped-mirrored' ? st.columns.length : 1;
+    const sidesPerColumn = st.kind === 'mirrored' ? st.sides.length : st.kind === 'striped-mirrored' ? st.columns[0]!.length : 0;
+    const readSides: number[][] = [];
+    const writeSides: number[][] = [];
+    for (let col = 0; col < columns; col++) {
+      const r: number[] = [];
+      const w: number[] = [];
+      for (let side = 0; side < sidesPerColumn; side++) {
+        const state = m.sideStates?.[col * sidesPerColumn + side] ?? 'live';
+        if (state === 'live') r.push(side);
+        if (state !== 'dead') w.push(side);
+      }
+      readSides.push(r);
+      writeSides.push(w);
+    }
     return {
       m, endBytes: m.startBytes + m.lengthBytes, backends, offsets: places.map((pl) => pl.offsetBytes),
-      liveSides, lastUsed: ++this.useCounter, mirrored,
+      readSides, writeSides, sidesPerColumn, lastUsed: ++this.useCounter,
     };
   }
 

@@ -1,0 +1,415 @@
+/**
+ * The operator commands: `dve volume …`, `dve disk …` and `dve status`. Each finds the
+ * running node through its node file in the state directory (src/admin/node-file.ts),
+ * talks to its admin endpoint (src/admin/client.ts) and prints tables or, with --json,
+ * the admin API's objects verbatim. Bad arguments name the option and the value;
+ * operating errors print the node's message as `dve <command>: <message>` and exit 1.
+ */
+import { Command, InvalidArgumentError } from 'commander';
+import cliProgress from 'cli-progress';
+import { AdminClient } from '../admin/client.js';
+import { findAdminEndpoint } from '../admin/node-file.js';
+import {
+  AdminError, LAYOUTS,
+  type DiskInfo, type Layout, type NodeStatus, type TaskInfo, type VerifyReport,
+  type VolumeCreateRequest, type VolumeInfo,
+} from '../engine/admin-api.js';
+import { parseSize } from '../util/size.js';
+import {
+  formatFraction, formatHostPort, formatPercent, formatRate, formatSize, formatSizeExact,
+  keyValues, paintState, table, useColor,
+} from './format.js';
+
+interface CommonOptions {
+  stateDir: string;
+  json: boolean;
+}
+
+/** How often `disk online --wait` polls the node. */
+const POLL_MS = Number(process.env.DVE_POLL_MS) > 0 ? Number(process.env.DVE_POLL_MS) : 250;
+
+// ---------------------------------------------------------------- argument parsers
+
+const sizeArg = (what: string) => (v: string): number => {
+  try {
+    return parseSize(v, what);
+  } catch (e) {
+    throw new InvalidArgumentError((e as Error).message);
+  }
+};
+
+const wholeArg = (what: string, min: number) => (v: string): number => {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min) {
+    throw new InvalidArgumentError(`${what}: "${v}" is not a whole number ≥ ${min}`);
+  }
+  return n;
+};
+
+const layoutArg = (v: string): Layout => {
+  if (!(LAYOUTS as readonly string[]).includes(v)) {
+    throw new InvalidArgumentError(`--layout: "${v}" is not one of ${LAYOUTS.join(', ')}`);
+  }
+  return v as Layout;
+};
+
+const disksArg = (v: string): string[] => {
+  const ids = v.split(',').map((s) => s.trim());
+  if (ids.some((s) => s === '')) throw new InvalidArgumentError(`--disks: "${v}" is not a comma-separated list of disk ids (e.g. d1,d2)`);
+  const dup = ids.find((s, i) => ids.indexOf(s) !== i);
+  if (dup !== undefined) throw new InvalidArgumentError(`--disks: "${v}" lists disk ${dup} twice`);
+  return ids;
+};
+
+const nameArg = (what: string) => (v: string): string => {
+  if (v.trim() === '') throw new InvalidArgumentError(`${what}: "${v}" is empty`);
+  return v;
+};
+
+// ---------------------------------------------------------------- plumbing
+
+function common(cmd: Command): Command {
+  return cmd
+    .option('--state-dir <dir>', 'state directory of the node to talk to', process.env.DVE_STATE_DIR ?? './dve-state')
+    .option('--json', 'print the admin API objects as JSON', false);
+}
+
+function printJson(x: unknown): void {
+  process.stdout.write(JSON.stringify(x, null, 2) + '\n');
+}
+
+function out(s: string): void {
+  process.stdout.write(s.endsWith('\n') ? s : s + '\n');
+}
+
+/**
+ * Finds the node, runs fn, and turns whatever goes wrong into `label: message` on
+ * stderr and exit status 1. fn returns the exit status (default 0).
+ */
+async function withNode(label: string, o: CommonOptions, fn: (client: AdminClient) => Promise<number | void>): Promise<void> {
+  try {
+    const client = new AdminClient(findAdminEndpoint(o.stateDir));
+    process.exitCode = (await fn(client)) ?? 0;
+  } catch (e) {
+    const message = e instanceof Error ? e.message : String(e);
+    if (o.json && e instanceof AdminError) printJson({ error: { code: e.code, message } });
+    process.stderr.write(`${label}: ${message}\n`);
+    process.exitCode = 1;
+  }
+}
+
+// ---------------------------------------------------------------- registration
+
+export function registerAdminCommands(program: Command): void {
+  const volume = program.command('volume').description('create, list, show, grow, delete and verify volumes on the running node');
+
+  common(volume.command('create'))
+    .description('create a volume and export it over NBD')
+    .argument('<name>', 'volume name (also its NBD export name)', nameArg('NAME'))
+    .requiredOption('--size <size>', 'volume size (512M, 10G, 1TiB)', sizeArg('--size'))
+    .requiredOption('--layout <layout>', `how extents are placed: ${LAYOUTS.join(', ')}`, layoutArg)
+    .option('--disks <ids>', 'comma-separated disks to allocate from (default: all online disks)', disksArg)
+    .option('--copies <n>', 'mirror sides (mirrored, striped-mirrored; default 2)', wholeArg('--copies', 2))
+    .option('--stripe-size <size>', 'stripe width (striped, striped-mirrored; default 64K)', sizeArg('--stripe-size'))
+    .option('--columns <n>', 'stripe columns (striped, striped-mirrored)', wholeArg('--columns', 1))
+    .action(async (name: string, o: CommonOptions & { size: number; layout: Layout; disks?: string[]; copies?: number; stripeSize?: number; columns?: number }) => {
+      const label = 'dve volume create';
+      const mirrored = o.layout === 'mirrored' || o.layout === 'striped-mirrored';
+      const striped = o.layout === 'striped' || o.layout === 'striped-mirrored';
+      const misfit = [
+        o.copies !== undefined && !mirrored ? '--copies' : null,
+        o.stripeSize !== undefined && !striped ? '--stripe-size' : null,
+        o.columns !== undefined && !striped ? '--columns' : null,
+      ].find((x) => x !== null);
+      if (misfit) {
+        const which = misfit === '--copies' ? 'mirrored and striped-mirrored' : 'striped and striped-mirrored';
+        process.stderr.write(`${label}: ${misfit}: applies only to the ${which} layouts, not ${o.layout}\n`);
+        process.exitCode = 1;
+        return;
+      }
+      const req: VolumeCreateRequest = { name, sizeBytes: o.size, layout: o.layout };
+      if (o.disks) req.disks = o.disks;
+      if (o.copies !== undefined) req.copies = o.copies;
+      if (o.stripeSize !== undefined) req.stripeBytes = o.stripeSize;
+      if (o.columns !== undefined) req.columns = o.columns;
+      await withNode(label, o, async (c) => {
+        const v = await c.createVolume(req);
+        if (o.json) return printJson(v);
+        out(`created volume ${v.name}: ${formatSize(v.sizeBytes)}, ${describeLayout(v)}`);
+        out(volumeDetails(v));
+      });
+    });
+
+  common(volume.command('list'))
+    .description('list volumes')
+    .action(async (o: CommonOptions) => {
+      await withNode('dve volume list', o, async (c) => {
+        const vols = await c.listVolumes();
+        if (o.json) return printJson(vols);
+        if (vols.length === 0) return out('no volumes (create one with: dve volume create NAME --size SIZE --layout linear)');
+        out(volumeTable(vols));
+      });
+    });
+
+  common(volume.command('show'))
+    .description('show one volume, with its NBD URIs')
+    .argument('<name>', 'volume name', nameArg('NAME'))
+    .action(async (name: string, o: CommonOptions) => {
+      await withNode('dve volume show', o, async (c) => {
+        const v = await c.showVolume(name);
+        if (o.json) return printJson(v);
+        out(volumeDetails(v));
+      });
+    });
+
+  common(volume.command('grow'))
+    .description('grow a volume to a new size')
+    .argument('<name>', 'volume name', nameArg('NAME'))
+    .requiredOption('--size <size>', 'the new size (larger than the current one)', sizeArg('--size'))
+    .action(async (name: string, o: CommonOptions & { size: number }) => {
+      await withNode('dve volume grow', o, async (c) => {
+        const v = await c.growVolume(name, o.size);
+        if (o.json) return printJson(v);
+        out(`volume ${v.name} is now ${formatSizeExact(v.sizeBytes)}`);
+      });
+    });
+
+  common(volume.command('delete'))
+    .description('delete a volume and free its extents')
+    .argument('<name>', 'volume name', nameArg('NAME'))
+    .action(async (name: string, o: CommonOptions) => {
+      await withNode('dve volume delete', o, async (c) => {
+        await c.deleteVolume(name);
+        if (o.json) return printJson({ name, deleted: true });
+        out(`deleted volume ${name}`);
+      });
+    });
+
+  common(volume.command('verify'))
+    .description('compare the mirror sides of a volume (exit 1 when they differ)')
+    .argument('<name>', 'volume name', nameArg('NAME'))
+    .action(async (name: string, o: CommonOptions) => {
+      await withNode('dve volume verify', o, async (c) => {
+        const r = await c.verifyVolume(name);
+        if (o.json) printJson(r);
+        else out(verifyText(r));
+        return r.mismatches.length > 0 ? 1 : 0;
+      });
+    });
+
+  const disk = program.command('disk').description('list disks, take them offline and bring them back');
+
+  common(disk.command('list'))
+    .description('list disks')
+    .action(async (o: CommonOptions) => {
+      await withNode('dve disk list', o, async (c) => {
+        const disks = await c.listDisks();
+        if (o.json) return printJson(disks);
+        if (disks.length === 0) return out('no disks');
+        out(diskTable(disks, true));
+      });
+    });
+
+  common(disk.command('offline'))
+    .description('take a disk offline (mirrored volumes keep running, degraded)')
+    .argument('<id>', 'disk id', nameArg('ID'))
+    .action(async (id: string, o: CommonOptions) => {
+      await withNode('dve disk offline', o, async (c) => {
+        const d = await c.offlineDisk(id);
+        if (o.json) return printJson(d);
+        out(`disk ${d.id} is ${d.state}`);
+      });
+    });
+
+  common(disk.command('online'))
+    .description('bring a disk back; its mirror sides resync in the background')
+    .argument('<id>', 'disk id', nameArg('ID'))
+    .option('--wait', 'wait for the resync to finish, showing progress', false)
+    .action(async (id: string, o: CommonOptions & { wait: boolean }) => {
+      await withNode('dve disk online', o, async (c) => {
+        const task = await c.onlineDisk(id);
+        if (!task) {
+          if (o.json) return printJson(null);
+          return out(`disk ${id} is online; nothing to resync`);
+        }
+        if (!o.wait) {
+          if (o.json) return printJson(task);
+          return out(`disk ${id} is online; resyncing ${formatSize(task.totalBytes)} in the background (task ${task.id}; follow it with: dve status)`);
+        }
+        const final = await waitForTask(c, task, o.json);
+        if (o.json) printJson(final);
+        else if (final.state === 'done') out(`disk ${id} is online; resync of ${formatSize(final.totalBytes)} done`);
+        if (final.state !== 'done') {
+          process.stderr.write(`dve disk online: resync task ${final.id} ${final.state}${final.message ? `: ${final.message}` : ''}\n`);
+          return 1;
+        }
+      });
+    });
+
+  common(program.command('status'))
+    .description('nodes, volumes, disks and background tasks of the running node')
+    .action(async (o: CommonOptions) => {
+      await withNode('dve status', o, async (c) => {
+        const s = await c.status();
+        if (o.json) return printJson(s);
+        out(statusText(s));
+      });
+    });
+}
+
+// ---------------------------------------------------------------- --wait
+
+/**
+ * Polls status until the task is no longer running. On a terminal: a progress bar on
+ * stderr; otherwise a line per 10% (on stdout, or stderr under --json).
+ */
+async function waitForTask(c: AdminClient, first: TaskInfo, json: boolean): Promise<TaskInfo> {
+  const tty = !!process.stderr.isTTY;
+  const lineOut = json ? process.stderr : process.stdout;
+  let bar: cliProgress.SingleBar | null = null;
+  let lastDecile = -1;
+  const show = (t: TaskInfo): void => {
+    const payload = { target: t.target, done: formatSize(t.doneBytes), total: formatSize(t.totalBytes), rate: formatRate(t.rateBytesPerSec) };
+    if (tty) {
+      if (!bar) {
+        bar = new cliProgress.SingleBar({
+          format: 'resync {target} [{bar}] {percentage}% | {done} / {total} | {rate} | eta {eta_formatted}',
+          stream: process.stderr,
+          hideCursor: true,
+          clearOnComplete: false,
+        }, cliProgress.Presets.shades_classic);
+        bar.start(100, 0, payload);
+      }
+      bar.update(Math.floor(Math.min(100, t.percent)), payload);
+      return;
+    }
+    const decile = Math.floor(Math.min(100, Math.max(0, t.percent)) / 10);
+    if (decile > lastDecile) {
+      lastDecile = decile;
+      lineOut.write(`resync ${t.target}: ${formatPercent(t.percent)} (${payload.done} of ${payload.total}, ${payload.rate})\n`);
+    }
+  };
+  let task = first;
+  try {
+    for (;;) {
+      if (task.state === 'running') show(task);
+      else {
+        if (task.state === 'done') show({ ...task, percent: 100 });
+        return task;
+      }
+      await new Promise((r) => setTimeout(r, POLL_MS));
+      const s = await c.status();
+      const now = s.tasks.find((t) => t.id === first.id);
+      if (!now) return vanished(first, s);
+      task = now;
+    }
+  } finally {
+    (bar as cliProgress.SingleBar | null)?.stop();
+  }
+}
+
+/** The node stopped listing the task: judge by the disk and its volumes. */
+function vanished(task: TaskInfo, s: NodeStatus): TaskInfo {
+  const resyncing = s.volumes.some((v) => v.state === 'resyncing');
+  const failed = s.disks.some((d) => task.target === `disk ${d.id}` && d.state !== 'online');
+  const ok = !resyncing && !failed;
+  return {
+    ...task,
+    state: ok ? 'done' : 'failed',
+    percent: ok ? 100 : task.percent,
+    doneBytes: ok ? task.totalBytes : task.doneBytes,
+    message: ok ? null : 'the node no longer lists the task and the volumes are not back in sync; see dve status',
+  };
+}
+
+// ---------------------------------------------------------------- text output
+
+function describeLayout(v: VolumeInfo): string {
+  const parts: string[] = [];
+  if (v.layout === 'mirrored' || v.layout === 'striped-mirrored') parts.push(`${v.copies} copies`);
+  if (v.layout === 'striped' || v.layout === 'striped-mirrored') {
+    parts.push(`${v.columns} columns`);
+    if (v.stripeBytes !== null) parts.push(`${formatSize(v.stripeBytes)} stripes`);
+  }
+  return parts.length > 0 ? `${v.layout} (${parts.join(', ')})` : v.layout;
+}
+
+function totalFaults(v: VolumeInfo): number {
+  return Object.values(v.fp.faults).reduce((a, b) => a + b, 0);
+}
+
+function volumeTable(vols: VolumeInfo[]): string {
+  return table(
+    ['NAME', { header: 'SIZE', align: 'right' }, 'LAYOUT', { header: 'COPIES', align: 'right' }, 'STATE', 'DISKS',
+      { header: 'ALLOCATED', align: 'right' }, { header: 'FP SHARE', align: 'right' }],
+    vols.map((v) => [v.name, formatSize(v.sizeBytes), v.layout, v.copies, v.state, v.disks.join(',') || '-',
+      formatSize(v.allocatedBytes), formatFraction(v.fp.fpShare)]),
+  );
+}
+
+function volumeDetails(v: VolumeInfo): string {
+  const color = useColor();
+  const faults = Object.entries(v.fp.faults).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${n}`);
+  const pairs: [string, string | number][] = [
+    ['name', v.name],
+    ['size', formatSizeExact(v.sizeBytes)],
+    ['layout', describeLayout(v)],
+    ['state', paintState(v.state, color)],
+    ['disks', v.disks.join(', ') || '-'],
+    ['allocated', `${formatSize(v.allocatedBytes)} in ${v.extents} extents, ${v.vsegs} vsegs`],
+    ['fast path', `${formatFraction(v.fp.fpShare)} hits (${v.fp.hits} hits, ${totalFaults(v)} faults${faults.length ? `: ${faults.join(', ')}` : ''})`],
+    ['', `${v.fp.cachedMappings} cached mappings, ${v.fp.cpDispatched} sent to the control path, pending ${v.fp.pendingUpstream} up / ${v.fp.pendingDownstream} down`],
+  ];
+  const uris = v.uris.length > 0 ? v.uris : ['(not exported)'];
+  uris.forEach((u, i) => pairs.push([i === 0 ? 'uris' : '', u]));
+  return keyValues(pairs);
+}
+
+function diskTable(disks: DiskInfo[], withPath: boolean): string {
+  const cols = ['ID', 'STATE', { header: 'FREE', align: 'right' as const }, { header: 'TOTAL', align: 'right' as const },
+    { header: 'USED', align: 'right' as const }, { header: 'EXTENTS', align: 'right' as const }];
+  return table(
+    withPath ? [...cols, 'PATH'] : cols,
+    disks.map((d) => {
+      const total = d.extents * d.extentBytes;
+      const free = d.freeExtents * d.extentBytes;
+      const row: (string | number)[] = [d.id, d.state, formatSize(free), formatSize(total),
+        d.extents > 0 ? formatFraction((d.extents - d.freeExtents) / d.extents) : '-', `${d.extents - d.freeExtents}/${d.extents}`];
+      if (withPath) row.push(d.blockDevice ? `${d.path} (block device)` : d.path);
+      return row;
+    }),
+  );
+}
+
+function verifyText(r: VerifyReport): string {
+  if (r.mismatches.length === 0) {
+    return `volume ${r.volume}: mirror sides agree (${formatSize(r.comparedBytes)} compared)`;
+  }
+  const differing = r.mismatches.reduce((a, m) => a + m.lengthBytes, 0);
+  const head = `volume ${r.volume}: ${r.mismatches.length} mismatched range${r.mismatches.length === 1 ? '' : 's'}, ` +
+    `${formatSize(differing)} of ${formatSize(r.comparedBytes)} compared`;
+  return `${head}\n${table(
+    [{ header: 'OFFSET', align: 'right' }, { header: 'LENGTH', align: 'right' }, 'SIDES DIFFERING FROM SIDE 0'],
+    r.mismatches.map((m) => [m.offsetBytes, m.lengthBytes, m.sides.join(',')]),
+  )}`;
+}
+
+function statusText(s: NodeStatus): string {
+  const sections: string[] = [];
+  sections.push('NODES\n' + (s.nodes.length === 0 ? '(none)' : table(
+    ['ID', 'PID', 'STATE', 'NBD', 'ADMIN', 'STARTED'],
+    s.nodes.map((n) => [n.id, n.pid, n.state, formatHostPort(n.nbd), formatHostPort(n.admin), n.startedAt]),
+  )));
+  sections.push('VOLUMES\n' + (s.volumes.length === 0 ? '(none)' : table(
+    ['NAME', { header: 'SIZE', align: 'right' }, 'LAYOUT', 'STATE', { header: 'FP SHARE', align: 'right' }, { header: 'FAULTS', align: 'right' }],
+    s.volumes.map((v) => [v.name, formatSize(v.sizeBytes), v.layout, v.state, formatFraction(v.fp.fpShare), totalFaults(v)]),
+  )));
+  sections.push('DISKS\n' + (s.disks.length === 0 ? '(none)' : diskTable(s.disks, false)));
+  sections.push('TASKS\n' + (s.tasks.length === 0 ? '(none)' : table(
+    ['KIND', 'TARGET', 'STATE', { header: 'PERCENT', align: 'right' }, { header: 'RATE', align: 'right' }],
+    s.tasks.map((t) => [t.kind, t.target, t.state, formatPercent(t.percent), t.state === 'running' ? formatRate(t.rateBytesPerSec) : '-']),
+  )));
+  const m = s.metadata;
+  sections.push(`METADATA\n${m.path}: ${m.chunksUsed} of ${m.chunkCount} chunks used (${formatSize(m.chunkBytes)} each)`);
+  return sections.join('\n\n');
+}

@@ -1,0 +1,812 @@
+/**
+ * The engine of one node: its control path (CP). It owns the metadata (disk and
+ * volume tables, VSEGs, rmaps, redirect tables, age lists) and is the only code that
+ * writes it; it builds one fast path (FP) per volume, fills its mapping cache on
+ * misses (CpMappingMiss), and performs every I/O the FP faults (CpQueueIO): requests
+ * that span extents or stripes, writes to extents marked fault-on-write, downstream
+ * errors, serialization conflicts.
+ *
+ * Mirrors. A side stops taking writes when its disk fails (an I/O error) or is taken
+ * offline: the CP bumps the generation number, records the disk as stale in each
+ * mirrored volume with a side on it, and revokes the FP's mappings. New mappings of
+ * such a volume cover one allocation extent each and carry fault-on-write until the
+ * extent's age (in the age list) reaches the generation: the first write to each
+ * extent faults, the CP records the generation durably, and later writes go through
+ * the FP. When the disk comes back, a resync task copies exactly the extents whose
+ * age is at least the generation at which the side went stale; host I/O continues,
+ * with the side taking writes (resyncing) but no reads until it is complete.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { Config } from '../config/config.js';
+import { ExtentAllocator, type Extent as PhysicalExtent } from '../alloc/allocator.js';
+import { ChunkStore, MetadataSuperblockError } from '../meta/chunk-store.js';
+import { FileMetaDevice } from '../meta/metadata-area.js';
+import { Rmap } from '../map/rmap.js';
+import { RedirectTable, type RedirectEntry } from '../map/redirect.js';
+import { Vseg, VolumeMap } from '../map/vseg.js';
+import type { Placement, StorageDescriptor } from '../map/storage-descriptor.js';
+import { mapRange, placementsOf } from '../storage/layout.js';
+import type { Backend, IoDone } from '../storage/backend.js';
+import { FileBackend } from '../storage/file-backend.js';
+import { IoBatchQueue } from '../storage/io-batch.js';
+import { FastPath } from '../fp/fast-path.js';
+import { FAULT_CLASS_NAMES, FaultClass, UpstreamOp, type CpApi, type FpMapping, type MissAnswer, type UpstreamIo } from '../fp/api.js';
+import { ExportRegistry, NbdExport } from '../../nbd/export.js';
+import { HOST_ERRNO } from '../../nbd/errno.js';
+import { isPowerOfTwo } from '../util/number.js';
+import { formatSize } from '../util/size.js';
+import {
+  AdminError, LAYOUTS, type DiskInfo, type EngineAdmin, type FpStatisticsView, type Layout, type NodeInfo,
+  type NodeStatus, type TaskInfo, type VerifyReport, type VolumeCreateRequest, type VolumeInfo,
+} from './admin-api.js';
+import {
+  METADATA_FORMAT, ROOT_CHUNK, readVolume, writeVolume, writeVolumeHeader, type RootRecord, type VolumeRecord,
+} from './metadata.js';
+
+const EIO = -HOST_ERRNO.EIO;
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+const DEFAULT_STRIPE_BYTES = 64 * 1024;
+const COPY_CHUNK_BYTES = 1024 * 1024;
+
+type DiskState = 'online' | 'offline' | 'failed';
+
+/** A disk as the engine uses it: the file or device, and a gate that fails I/O while the disk is not online. */
+class DiskSlot implements Backend {
+  state: DiskState = 'online';
+  constructor(readonly id: string, readonly file: FileBackend) {}
+  get sizeBytes(): number { return this.file.sizeBytes; }
+  get readOnly(): boolean { return false; }
+  get capabilities() { return this.file.capabilities; }
+  get description(): string { return `disk ${this.id} (${this.file.path})`; }
+  private open(done: IoDone): boolean {
+    if (this.state === 'online') return true;
+    done(EIO);
+    return false;
+  }
+  read(b: Buffer, off: number, done: IoDone): void { if (this.open(done)) this.file.read(b, off, done); }
+  write(b: Buffer, off: number, fua: boolean, done: IoDone): void { if (this.open(done)) this.file.write(b, off, fua, done); }
+  flush(done: IoDone): void { if (this.state === 'online') this.file.flush(done); else done(0); }
+  trim(off: number, len: number, fua: boolean, done: IoDone): void { if (this.open(done)) this.file.trim(off, len, fua, done); }
+  zero(off: number, len: number, o: { noHole: boolean; fastOnly: boolean; fua: boolean }, done: IoDone): void {
+    if (this.open(done)) this.file.zero(off, len, o, done);
+  }
+  cache(off: number, len: number, done: IoDone): void { if (this.open(done)) this.file.cache(off, len, done); }
+  extents(off: number, len: number, done: (r: number, e: { lengthBytes: number; zero: boolean; hole: boolean }[]) => void): void {
+    done(0, [{ lengthBytes: len, zero: false, hole: false }]);
+  }
+  close(): Promise<void> { return this.file.close(); }
+}
+
+interface Volume extends VolumeRecord {
+  fp: FastPath;
+  exp: NbdExport;
+  /** Allocation extents (volume-space index) being copied by a resync: writes wait. */
+  copying: Map<number, Promise<void>>;
+  /** Disks whose stale sides are catching up (take writes, give no reads). */
+  resyncing: Set<string>;
+}
+
+interface Task {
+  info: TaskInfo;
+  cancelled: boolean;
+}
+
+export interface EngineOptions {
+  config: Config;
+  nodeId: number;
+  log: Logger;
+  queue?: IoBatchQueue;
+}
+
+export class Engine implements EngineAdmin, CpApi {
+  readonly exports = new ExportRegistry();
+  private readonly volumes = new Map<string, Volume>();
+  private readonly tasks: Task[] = [];
+  private serial: Promise<unknown> = Promise.resolve();
+  /** NBD URIs the node serves (set by the node once it listens). */
+  uriBases: string[] = [];
+  nodeInfo: NodeInfo | null = null;
+  /** Called when a volume goes away, so its connections can be closed. */
+  onVolumeRemoved: (name: string) => void = () => {};
+
+  private constructor(
+    private readonly config: Config,
+    private readonly log: Logger,
+    private readonly disks: Map<string, DiskSlot>,
+    private readonly store: ChunkStore,
+    private readonly metaDevice: FileMetaDevice,
+    private root: RootRecord,
+    private readonly allocator: ExtentAllocator,
+  ) {}
+
+  // ── start-up ─────────────────────────────────────────────────────────────
+  static async open(o: EngineOptions): Promise<Engine> {
+    const { config, log } = o;
+    const queue = o.queue ?? new IoBatchQueue();
+    const disks = new Map<string, DiskSlot>();
+    for (const d of config.disks) {
+      const file = FileBackend.open(d.path, { createSizeBytes: fs.existsSync(d.path) ? undefined : d.sizeBytes, queue });
+      disks.set(d.id, new DiskSlot(d.id, file));
+    }
+    const fresh = !fs.existsSync(config.metadata.path);
+    if (fresh) fs.mkdirSync(path.dirname(config.metadata.path), { recursive: true });
+    const dev = await FileMetaDevice.open(config.metadata.path, { sizeBytes: config.metadata.sizeBytes, create: fresh });
+    let store: ChunkStore;
+    let root: RootRecord | null = null;
+    try {
+      store = await ChunkStore.open(dev);
+      root = await store.readChunk<RootRecord>(ROOT_CHUNK);
+    } catch (e) {
+      if (!(e instanceof MetadataSuperblockError && e.reason === 'bad-magic' && fresh)) {
+        throw new Error(`metadata area ${config.metadata.path}: ${(e as Error).message}`);
+      }
+      store = await ChunkStore.format(dev, {});
+      log.info({ path: config.metadata.path, chunks: store.chunkCount }, 'metadata area formatted');
+    }
+    if (root === null) {
+      root = { format: METADATA_FORMAT, extentBytes: config.extentBytes, generation: 1, disks: [], volumes: [] };
+    }
+    if (root.format !== METADATA_FORMAT) throw new Error(`metadata format ${root.format} is not supported (this dve reads ${METADATA_FORMAT})`);
+    // Disks named by the configuration join the table; a disk the table has but the configuration lacks is an error.
+    for (const d of root.disks) {
+      if (!disks.has(d.id)) throw new Error(`metadata names disk ${d.id}, which the configuration does not list`);
+      disks.get(d.id)!.state = d.state;
+    }
+    for (const id of disks.keys()) if (!root.disks.some((d) => d.id === id)) root.disks.push({ id, state: 'online' });
+    const allocator = new ExtentAllocator([...disks.values()].map((d) => ({ id: d.id, sizeBytes: d.sizeBytes, reservedBytes: 0 })), root.extentBytes);
+    const engine = new Engine(config, log, disks, store, dev, root, allocator);
+    for (const v of root.volumes) {
+      const rec = await readVolume(store, v.headerChunk);
+      engine.allocator.markUsed(engine.extentsOf(rec.map));
+      engine.attach(rec);
+    }
+    await store.writeChunk(ROOT_CHUNK, root);
+    log.info({ volumes: root.volumes.length, disks: disks.size, generation: root.generation }, 'engine ready');
+    for (const v of engine.volumes.values()) {
+      for (const s of v.header.stale) {
+        if (engine.disks.get(s.disk)?.state === 'online') engine.startResync(s.disk);
+      }
+    }
+    return engine;
+  }
+
+  async close(): Promise<void> {
+    for (const t of this.tasks) t.cancelled = true;
+    await this.exclusive(async () => {});
+    for (const v of this.volumes.values()) await v.fp.close();
+    for (const d of this.disks.values()) await d.close();
+    await this.metaDevice.close();
+  }
+
+  /** Serialize metadata changes: one at a time, in order. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.serial.then(fn, fn);
+    this.serial = run.catch(() => {});
+    return run;
+  }
+
+  private attach(rec: VolumeRecord): Volume {
+    const fp = new FastPath(rec.header.name, rec.header.sizeBytes, this, this.disks);
+    const exp = new NbdExport(rec.header.name, fp, `dve ${rec.header.layout} volume ${rec.header.name}`);
+    const v: Volume = { ...rec, fp, exp, copying: new Map(), resyncing: new Set() };
+    this.volumes.set(rec.header.name, v);
+    this.exports.add(exp);
+    return v;
+  }
+
+  /** The physical extents a volume map holds: each redirect entry's placements, sized by the rmap coverage. */
+  private extentsOf(map: VolumeMap): PhysicalExtent[] {
+    const E = this.root.extentBytes;
+    const out: PhysicalExtent[] = [];
+    for (const vs of map.vsegs) {
+      const coverage = new Map<number, number>();
+      for (const e of vs.rmap.extents()) {
+        const origin = vs.redirects.get(e.redirect).originBytes;
+        coverage.set(e.redirect, Math.max(coverage.get(e.redirect) ?? 0, e.startBytes + e.lengthBytes - origin));
+      }
+      for (const [idx, entry] of vs.redirects.entries()) {
+        const st = entry.storage;
+        const columns = st.kind === 'striped' || st.kind === 'striped-mirrored' ? st.columns.length : 1;
+        const bytes = Math.ceil((coverage.get(idx) ?? 0) / columns / E) * E;
+        if (bytes > 0) for (const p of placementsOf(st)) out.push({ disk: p.disk, offsetBytes: p.offsetBytes, lengthBytes: bytes });
+      }
+    }
+    return out;
+  }
+
+  private usedChunks(): Set<number> {
+    const used = new Set<number>([ROOT_CHUNK]);
+    for (const v of this.volumes.values()) {
+      used.add(v.headerChunk);
+      for (const c of v.rmapChunks) used.add(c);
+    }
+    return used;
+  }
+
+  private chunkAllocator(): () => number {
+    const used = this.usedChunks();
+    return () => {
+      for (let i = 1; i < this.store.chunkCount; i++) {
+        if (!used.has(i)) {
+          used.add(i);
+          return i;
+        }
+      }
+      throw new AdminError('ENOSPC', `the metadata area is full (${this.store.chunkCount} chunks)`);
+    };
+  }
+
+  private async commitRoot(): Promise<void> {
+    this.root.disks = [...this.disks.values()].map((d) => ({ id: d.id, state: d.state }));
+    this.root.volumes = [...this.volumes.values()].map((v) => ({ name: v.header.name, headerChunk: v.headerChunk }));
+    await this.store.writeChunk(ROOT_CHUNK, this.root);
+  }
+
+  // ── volumes ──────────────────────────────────────────────────────────────
+  createVolume(req: VolumeCreateRequest): Promise<VolumeInfo> {
+    return this.exclusive(async () => {
+      if (!NAME_RE.test(req.name)) throw new AdminError('EINVAL', `volume name "${req.name}" must be 1-64 letters, digits, "_", "." or "-"`);
+      if (this.volumes.has(req.name)) throw new AdminError('EEXIST', `volume ${req.name} already exists`);
+      const shape = this.shapeFor(req);
+      const vseg = this.buildVseg(0, req.sizeBytes, shape, req.disks);
+      const map = new VolumeMap([vseg.vseg]);
+      const rec: VolumeRecord = {
+        header: { name: req.name, sizeBytes: req.sizeBytes, layout: req.layout, copies: shape.copies, stripeBytes: shape.stripeBytes, columns: shape.columns, stale: [] },
+        map, headerChunk: 0, rmapChunks: [], age: new Map(),
+      };
+      try {
+        const alloc = this.chunkAllocator();
+        rec.headerChunk = alloc();
+        await writeVolume(this.store, rec, alloc);
+        const v = this.attach(rec);
+        await this.commitRoot();
+        this.log.info({ volume: req.name, sizeBytes: req.sizeBytes, layout: req.layout, disks: this.volumeDisks(v) }, 'volume created');
+        return this.volumeInfo(v);
+      } catch (e) {
+        this.allocator.free(vseg.extents);
+        if (this.volumes.get(req.name)?.map === map) {
+          this.volumes.delete(req.name);
+          this.exports.remove(req.name);
+        }
+        throw e;
+      }
+    });
+  }
+
+  growVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    return this.exclusive(async () => {
+      const v = this.volume(name);
+      if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= v.header.sizeBytes) {
+        throw new AdminError('EINVAL', `new size ${sizeBytes} must be larger than the current ${v.header.sizeBytes}`);
+      }
+      const h = v.header;
+      const shape = { layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes ?? DEFAULT_STRIPE_BYTES, columns: h.columns };
+      const built = this.buildVseg(h.sizeBytes, sizeBytes - h.sizeBytes, shape, this.volumeDisks(v));
+      try {
+        // Adding a VSEG is unrestrictive: cached mappings stay valid; the FP learns the new ones on a miss.
+        v.map.append(built.vseg);
+        v.header.sizeBytes = sizeBytes;
+        await writeVolume(this.store, v, this.chunkAllocator());
+        await this.commitRoot();
+      } catch (e) {
+        this.allocator.free(built.extents);
+        throw e;
+      }
+      v.fp.sizeBytes = sizeBytes;
+      this.log.info({ volume: name, sizeBytes }, 'volume grown');
+      return this.volumeInfo(v);
+    });
+  }
+
+  deleteVolume(name: string): Promise<void> {
+    return this.exclusive(async () => {
+      const v = this.volume(name);
+      if (v.resyncing.size > 0) throw new AdminError('EBUSY', `volume ${name} is resyncing`);
+      this.exports.remove(name);
+      this.onVolumeRemoved(name);
+      v.fp.removeAllMappings();
+      await v.fp.drain(Number.MAX_SAFE_INTEGER);
+      this.volumes.delete(name);
+      await this.commitRoot();
+      this.allocator.free(this.extentsOf(v.map));
+      this.log.info({ volume: name }, 'volume deleted');
+    });
+  }
+
+  listVolumes(): VolumeInfo[] {
+    return [...this.volumes.values()].map((v) => this.volumeInfo(v));
+  }
+
+  showVolume(name: string): VolumeInfo {
+    return this.volumeInfo(this.volume(name));
+  }
+
+  private volume(name: string): Volume {
+    const v = this.volumes.get(name);
+    if (!v) throw new AdminError('ENOENT', `no volume named ${name}`);
+    return v;
+  }
+
+  private shapeFor(req: VolumeCreateRequest): { layout: Layout; copies: number; stripeBytes: number; columns: number } {
+    if (!LAYOUTS.includes(req.layout)) throw new AdminError('EINVAL', `layout "${req.layout}" is not one of ${LAYOUTS.join(', ')}`);
+    if (!Number.isSafeInteger(req.sizeBytes) || req.sizeBytes <= 0) throw new AdminError('EINVAL', `size ${req.sizeBytes} is not a positive number of bytes`);
+    for (const d of req.disks ?? []) {
+      if (!this.disks.has(d)) throw new AdminError('EINVAL', `unknown disk ${d}`);
+      if (this.disks.get(d)!.state !== 'online') throw new AdminError('EINVAL', `disk ${d} is ${this.disks.get(d)!.state}`);
+    }
+    const eligible = (req.disks ?? [...this.disks.keys()]).filter((d) => this.disks.get(d)!.state === 'online').length;
+    const mirrored = req.layout === 'mirrored' || req.layout === 'striped-mirrored';
+    const striped = req.layout === 'striped' || req.layout === 'striped-mirrored';
+    const copies = mirrored ? req.copies ?? 2 : 1;
+    if (mirrored && (!Number.isInteger(copies) || copies < 2)) throw new AdminError('EINVAL', `copies ${req.copies} must be a whole number of at least 2`);
+    if (!mirrored && req.copies !== undefined && req.copies !== 1) throw new AdminError('EINVAL', `--copies applies only to mirrored layouts`);
+    const stripeBytes = req.stripeBytes ?? DEFAULT_STRIPE_BYTES;
+    if (striped && (!isPowerOfTwo(stripeBytes) || stripeBytes < 4096 || stripeBytes > this.root.extentBytes)) {
+      throw new AdminError('EINVAL', `stripe size ${stripeBytes} must be a power of two from 4K to the extent size ${formatSize(this.root.extentBytes)}`);
+    }
+    let columns = 1;
+    if (striped) {
+      columns = req.columns ?? Math.max(2, Math.min(4, Math.floor(eligible / copies)));
+      if (!Number.isInteger(columns) || columns < 2) throw new AdminError('EINVAL', `columns ${req.columns} must be at least 2`);
+    }
+    const width = columns * copies;
+    if (width > eligible) {
+      throw new AdminError('ENOSPC', `a ${req.layout} volume with ${columns} column(s) x ${copies} cop(ies) needs ${width} distinct online disks; ${eligible} are available`);
+    }
+    return { layout: req.layout, copies, stripeBytes: striped ? stripeBytes : 0, columns };
+  }
+
+  /**
+   * Allocate and map [startBytes, startBytes + lengthBytes) of a volume as a new VSEG.
+   * Space comes in units of one allocation extent on each of `columns x copies`
+   * distinct disks; consecutive units whose extents are contiguous on every disk
+   * share one redirect entry.
+   */
+  private buildVseg(startBytes: number, lengthBytes: number, shape: { layout: Layout; copies: number; stripeBytes: number; columns: number }, disks?: string[]): { vseg: Vseg; extents: PhysicalExtent[] } {
+    const E = this.root.extentBytes;
+    const width = shape.columns * shape.copies;
+    const unitBytes = E * shape.columns;
+    const units = Math.ceil(lengthBytes / unitBytes);
+    const online = (disks ?? [...this.disks.keys()]).filter((d) => this.disks.get(d)?.state === 'online');
+    const res = this.allocator.allocate(units * width, { disks: online, spread: width > 1 ? width : undefined });
+    if (!res.ok) throw new AdminError('ENOSPC', res.error);
+    // One list of E-sized pieces per disk group, in order.
+    const lanes: Placement[][] = (width > 1 ? res.groups : [res.extents]).map((g) => {
+      const out: Placement[] = [];
+      for (const run of g) for (let off = 0; off < run.lengthBytes; off += E) out.push({ disk: run.disk, offsetBytes: run.offsetBytes + off });
+      return out;
+    });
+    const unitPlacements = (u: number): Placement[] => width > 1 ? lanes.map((l) => l[u]!) : [lanes[0]![u]!];
+    const rmap = new Rmap(lengthBytes);
+    const redirects = new RedirectTable();
+    let u = 0;
+    while (u < units) {
+      const first = unitPlacements(u);
+      let n = 1;
+      while (u + n < units && unitPlacements(u + n).every((p, i) => p.disk === first[i]!.disk && p.offsetBytes === first[i]!.offsetBytes + n * E)) n++;
+      const origin = u * unitBytes;
+      const idx = redirects.add({ storage: descriptorFor(shape, first), faultOnRead: false, faultOnWrite: false, generation: 0, originBytes: origin });
+      rmap.map(origin, Math.min(n * unitBytes, lengthBytes - origin), idx);
+      u += n;
+    }
+    return { vseg: new Vseg(startBytes, lengthBytes, rmap, redirects), extents: res.extents };
+  }
+
+  private volumeDisks(v: Volume): string[] {
+    const s = new Set<string>();
+    for (const vs of v.map.vsegs) for (const [, e] of vs.redirects.entries()) for (const p of placementsOf(e.storage)) s.add(p.disk);
+    return [...s].sort();
+  }
+
+  private volumeInfo(v: Volume): VolumeInfo {
+    const st = v.fp.statistics();
+    const faults: Record<string, number> = {};
+    let faultTotal = 0;
+    st.faults.forEach((n, i) => {
+      faults[FAULT_CLASS_NAMES[i]!] = n;
+      faultTotal += n;
+    });
+    const fp: FpStatisticsView = { ...st, faults, fpShare: st.hits + faultTotal === 0 ? 1 : st.hits / (st.hits + faultTotal) };
+    const h = v.header;
+    let extents = 0;
+    for (const vs of v.map.vsegs) extents += vs.rmap.count;
+    const state = v.resyncing.size > 0 ? 'resyncing' : h.stale.length > 0 ? 'degraded' : 'ok';
+    return {
+      name: h.name, sizeBytes: h.sizeBytes, layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes || null,
+      columns: h.columns, disks: this.volumeDisks(v), vsegs: v.map.vsegs.length, extents, state,
+      uris: this.uriBases.map((b) => `${b}/${encodeURIComponent(h.name)}`),
+      allocatedBytes: this.extentsOf(v.map).reduce((a, e) => a + e.lengthBytes, 0), fp,
+    };
+  }
+
+  // ── the CP API: mapping misses ───────────────────────────────────────────
+  mappingMiss(volume: string, offsetBytes: number, _lengthBytes: number): MissAnswer {
+    const v = this.volumes.get(volume);
+    if (!v) return { kind: 'IGNORE', result: EIO };
+    const r = v.map.resolve(offsetBytes);
+    if (!r) return { kind: 'QUEUE' };
+    let start = r.vseg.startBytes + r.vseg.rmap.startOf(r.extentIndex);
+    let end = start + r.vseg.rmap.lengthOf(r.extentIndex);
+    let faultOnWrite = r.entry.faultOnWrite;
+    const mirrored = r.entry.storage.kind === 'mirrored' || r.entry.storage.kind === 'striped-mirrored';
+    if (mirrored && v.header.stale.length > 0) {
+      // Degraded: map one allocation extent at a time, fault-on-write until its age is recorded.
+      const E = this.root.extentBytes;
+      const e = Math.floor(offsetBytes / E);
+      if (v.copying.has(e)) return { kind: 'QUEUE' };
+      start = Math.max(start, e * E);
+      end = Math.min(end, (e + 1) * E);
+      faultOnWrite ||= this.needsAge(v, e);
+    }
+    const m: FpMapping = {
+      startBytes: start,
+      lengthBytes: end - start,
+      relativeStartBytes: start - r.vseg.startBytes - r.entry.originBytes,
+      redirectId: r.vsegIndex * 0x100000 + r.redirectIndex,
+      storage: r.entry.storage,
+      faultOnRead: r.entry.faultOnRead,
+      faultOnWrite,
+      sideStates: mirrored ? placementsOf(r.entry.storage).map((p) => this.sideState(v, p.disk)) : undefined,
+    };
+    v.fp.addMapping(m);
+    return { kind: 'CONTINUE' };
+  }
+
+  private sideState(v: Volume, disk: string): 'live' | 'dead' | 'resyncing' {
+    if (this.disks.get(disk)?.state !== 'online') return 'dead';
+    if (v.resyncing.has(disk)) return 'resyncing';
+    return v.header.stale.some((s) => s.disk === disk) ? 'dead' : 'live';
+  }
+
+  /** A write to allocation extent `e` must first record the generation in the age list. */
+  private needsAge(v: Volume, e: number): boolean {
+    if (v.header.stale.length === 0) return false;
+    const since = Math.max(...v.header.stale.map((s) => s.sinceGeneration));
+    return (v.age.get(e) ?? 0) < since;
+  }
+
+  // ── the CP API: queued I/O ───────────────────────────────────────────────
+  queueIo(volume: string, io: UpstreamIo, why: FaultClass): void {
+    const v = this.volumes.get(volume);
+    if (!v) return io.complete(EIO);
+    this.handle(v, io, why).then(
+      (r) => io.complete(r),
+      (err: Error) => {
+        this.log.error({ volume, err: err.message, why: FAULT_CLASS_NAMES[why] }, 'control path failed an I/O');
+        io.complete(EIO);
+      },
+    );
+  }
+
+  private async handle(v: Volume, io: UpstreamIo, why: FaultClass): Promise<number> {
+    if (why === FaultClass.DOWNSTREAM_ERROR) {
+      const failed = (io as unknown as { failedPlacements: number[] | null; storage: StorageDescriptor | null });
+      if (failed.failedPlacements && failed.storage) {
+        const places = placementsOf(failed.storage);
+        for (const i of failed.failedPlacements) await this.diskFailed(places[i]!.disk, 'failed', `I/O error (upstream op ${io.op})`);
+        const mirrored = failed.storage.kind === 'mirrored' || failed.storage.kind === 'striped-mirrored';
+        if (!mirrored) return EIO;
+        if (io.op === UpstreamOp.WRITE) {
+          // The write reached every other side: record its extents as written in this generation.
+          await this.recordAge(v, io.offsetBytes, io.lengthBytes);
+          const remaining = (io as unknown as { firstError: number });
+          return remaining.firstError !== 0 && failed.failedPlacements.length >= places.length ? remaining.firstError : 0;
+        }
+      }
+    }
+    if (why === FaultClass.SERIALIZATION) await v.fp.drain(io.receivedUs - 1, io.offsetBytes, io.lengthBytes);
+    return this.perform(v, io);
+  }
+
+  /** The CP does an upstream I/O itself: split across extents and stripes, mirrored to every write side. */
+  private async perform(v: Volume, io: UpstreamIo): Promise<number> {
+    const end = io.offsetBytes + io.lengthBytes;
+    if (io.op === UpstreamOp.WRITE || io.op === UpstreamOp.ZERO || io.op === UpstreamOp.TRIM) {
+      await this.waitForCopies(v, io.offsetBytes, io.lengthBytes);
+      if (v.header.stale.length > 0) await this.recordAge(v, io.offsetBytes, io.lengthBytes);
+    }
+    let pos = io.offsetBytes;
+    const jobs: Promise<number>[] = [];
+    while (pos < end) {
+      const r = v.map.resolve(pos);
+      if (!r) return EIO;
+      const n = Math.min(end - pos, r.extentRemainingBytes);
+      for (const piece of mapRange(r.entry.storage, r.relativeBytes, n)) {
+        const bufOff = pos - io.offsetBytes + piece.bufferOffsetBytes;
+        const slice = io.buffer ? io.buffer.subarray(bufOff, bufOff + piece.lengthBytes) : null;
+        const sides = piece.targets.map((t, i) => ({ disk: t.disk, at: piece.physicalOffsets[i]!, state: this.sideState(v, t.disk) }));
+        if (io.op === UpstreamOp.READ) jobs.push(this.readAny(v, sides, slice!));
+        else jobs.push(this.writeAll(v, io, sides, slice, piece.lengthBytes));
+      }
+      pos += n;
+    }
+    const results = await Promise.all(jobs);
+    return results.find((x) => x < 0) ?? 0;
+  }
+
+  private async readAny(v: Volume, sides: { disk: string; at: number; state: string }[], buf: Buffer): Promise<number> {
+    let last = EIO;
+    for (const s of sides.filter((x) => x.state === 'live')) {
+      last = await diskIo((d) => this.disks.get(s.disk)!.read(buf, s.at, d));
+      if (last >= 0) return 0;
+      if (sides.length > 1) await this.diskFailed(s.disk, 'failed', 'read error');
+    }
+    return last;
+  }
+
+  private async writeAll(v: Volume, io: UpstreamIo, sides: { disk: string; at: number; state: string }[], buf: Buffer | null, len: number): Promise<number> {
+    const targets = sides.filter((x) => x.state !== 'dead');
+    if (targets.length === 0) return EIO;
+    const results = await Promise.all(targets.map((s) => diskIo((d) => {
+      const disk = this.disks.get(s.disk)!;
+      if (io.op === UpstreamOp.WRITE) disk.write(buf!, s.at, io.fua, d);
+      else if (io.op === UpstreamOp.TRIM) disk.trim(s.at, len, io.fua, d);
+      else disk.zero(s.at, len, { noHole: false, fastOnly: false, fua: io.fua }, d);
+    })));
+    let ok = 0;
+    for (let i = 0; i < results.length; i++) {
+      if (results[i]! >= 0) ok++;
+      else if (targets.length > 1) await this.diskFailed(targets[i]!.disk, 'failed', 'write error');
+    }
+    if (ok === 0) return results[0]! < 0 ? results[0]! : EIO;
+    if (ok < targets.length) await this.recordAge(v, io.offsetBytes, io.lengthBytes);
+    return 0;
+  }
+
+  /** Record the current generation for every allocation extent of the range (durably) and let the FP write there again. */
+  private async recordAge(v: Volume, offsetBytes: number, lengthBytes: number): Promise<void> {
+    const E = this.root.extentBytes;
+    const first = Math.floor(offsetBytes / E);
+    const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E);
+    let changed = false;
+    for (let e = first; e <= last; e++) {
+      if ((v.age.get(e) ?? 0) < this.root.generation) {
+        v.age.set(e, this.root.generation);
+        changed = true;
+      }
+    }
+    if (!changed) return;
+    await writeVolumeHeader(this.store, v);
+    // Fault-on-write cleared for these extents: drop the cached mappings so the next miss maps them plainly.
+    v.fp.removeMapping(first * E, (last - first + 1) * E);
+  }
+
+  private async waitForCopies(v: Volume, offsetBytes: number, lengthBytes: number): Promise<void> {
+    const E = this.root.extentBytes;
+    for (let e = Math.floor(offsetBytes / E); e <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E); e++) {
+      const p = v.copying.get(e);
+      if (p) await p;
+    }
+  }
+
+  // ── disks and mirror sides ───────────────────────────────────────────────
+  /**
+   * A disk stops taking I/O. The state flips and every FP mapping that could reach the
+   * disk is revoked at once, before anything can yield; the metadata follows.
+   */
+  private async diskFailed(id: string, state: 'failed' | 'offline', reason: string): Promise<void> {
+    const disk = this.disks.get(id);
+    if (!disk || disk.state !== 'online') return;
+    disk.state = state;
+    this.root.generation++;
+    const generation = this.root.generation;
+    const touched: Volume[] = [];
+    for (const v of this.volumes.values()) {
+      if (!this.volumeDisks(v).includes(id)) continue;
+      v.fp.removeAllMappings();
+      v.resyncing.delete(id);
+      if ((v.header.layout === 'mirrored' || v.header.layout === 'striped-mirrored') && !v.header.stale.some((s) => s.disk === id)) {
+        v.header.stale.push({ disk: id, sinceGeneration: generation });
+        touched.push(v);
+      }
+    }
+    this.log.warn({ disk: id, state, reason, generation, volumes: touched.map((v) => v.header.name) }, state === 'failed' ? 'disk failed, mirror degraded' : 'disk offline, mirror degraded');
+    await this.exclusive(async () => {
+      for (const v of touched) await writeVolumeHeader(this.store, v);
+      await this.commitRoot();
+    });
+  }
+
+  listDisks(): DiskInfo[] {
+    const usage = new Map(this.allocator.usage().map((u) => [u.disk, u]));
+    return [...this.disks.values()].map((d) => ({
+      id: d.id, path: d.file.path, sizeBytes: d.sizeBytes, blockDevice: d.file.isBlockDevice, state: d.state,
+      extentBytes: this.root.extentBytes, extents: usage.get(d.id)?.extents ?? 0, freeExtents: usage.get(d.id)?.freeExtents ?? 0,
+    }));
+  }
+
+  async offlineDisk(id: string): Promise<DiskInfo> {
+    const d = this.disks.get(id);
+    if (!d) throw new AdminError('ENOENT', `no disk named ${id}`);
+    if (d.state === 'online') {
+      for (const v of this.volumes.values()) {
+        if (!this.volumeDisks(v).includes(id)) continue;
+        if (v.header.layout === 'linear' || v.header.layout === 'striped') {
+          throw new AdminError('EBUSY', `disk ${id} holds extents of volume ${v.header.name} (${v.header.layout}), which has no other copy`);
+        }
+        const others = this.volumeDisks(v).filter((x) => x !== id && this.sideState(v, x) === 'live');
+        if (others.length === 0) throw new AdminError('EBUSY', `disk ${id} holds the last live copy of volume ${v.header.name}`);
+      }
+      await this.diskFailed(id, 'offline', 'taken offline by the operator');
+      // Restrictive change: wait for I/O that may still use the old mappings.
+      for (const v of this.volumes.values()) await v.fp.drain(Number.MAX_SAFE_INTEGER - 1);
+    }
+    return this.listDisks().find((x) => x.id === id)!;
+  }
+
+  async onlineDisk(id: string): Promise<TaskInfo | null> {
+    const d = this.disks.get(id);
+    if (!d) throw new AdminError('ENOENT', `no disk named ${id}`);
+    if (d.state !== 'online') {
+      d.state = 'online';
+      await this.exclusive(() => this.commitRoot());
+      this.log.info({ disk: id }, 'disk online');
+    }
+    return this.startResync(id);
+  }
+
+  /** Start (or return the running) resync of the stale mirror sides on `disk`. */
+  private startResync(disk: string): TaskInfo | null {
+    const running = this.tasks.find((t) => t.info.kind === 'resync' && t.info.target === `disk ${disk}` && t.info.state === 'running');
+    if (running) return running.info;
+    const vols = [...this.volumes.values()].filter((v) => v.header.stale.some((s) => s.disk === disk));
+    if (vols.length === 0) return null;
+    const info: TaskInfo = {
+      id: `resync-${disk}-${Date.now()}`, kind: 'resync', target: `disk ${disk}`, state: 'running', doneBytes: 0, totalBytes: 0,
+      percent: 0, rateBytesPerSec: 0, startedAt: new Date().toISOString(), finishedAt: null, message: null,
+    };
+    const task: Task = { info, cancelled: false };
+    this.tasks.push(task);
+    void this.resync(task, disk, vols).catch((err: Error) => {
+      info.state = 'failed';
+      info.message = err.message;
+      info.finishedAt = new Date().toISOString();
+      this.log.error({ disk, err: err.message }, 'resync failed');
+    });
+    return info;
+  }
+
+  private async resync(task: Task, disk: string, vols: Volume[]): Promise<void> {
+    const E = this.root.extentBytes;
+    const started = Date.now();
+    const plan: { v: Volume; extents: number[]; since: number }[] = [];
+    for (const v of vols) {
+      const since = v.header.stale.find((s) => s.disk === disk)!.sinceGeneration;
+      const extents = [...v.age.entries()].filter(([, g]) => g >= since).map(([e]) => e).sort((a, b) => a - b);
+      plan.push({ v, extents, since });
+      // The side takes writes from now on, but no reads until it has caught up.
+      v.resyncing.add(disk);
+      const revokedAt = v.fp.removeAllMappings();
+      await v.fp.drain(revokedAt);
+    }
+    task.info.totalBytes = plan.reduce((a, p) => a + p.extents.length * E, 0);
+    let dirtiedBytes = 0;
+    for (const { v, extents } of plan) {
+      dirtiedBytes += extents.length * E;
+      for (const e of extents) {
+        if (task.cancelled || this.disks.get(disk)?.state !== 'online') throw new Error(`resync of disk ${disk} stopped`);
+        await this.copyExtent(v, e, disk);
+        task.info.doneBytes += E;
+        const secs = (Date.now() - started) / 1000;
+        task.info.rateBytesPerSec = secs > 0 ? Math.round(task.info.doneBytes / secs) : 0;
+        task.info.percent = task.info.totalBytes === 0 ? 100 : Math.round((task.info.doneBytes / task.info.totalBytes) * 1000) / 10;
+      }
+    }
+    await this.exclusive(async () => {
+      for (const { v } of plan) {
+        v.header.stale = v.header.stale.filter((s) => s.disk !== disk);
+        v.resyncing.delete(disk);
+        if (v.header.stale.length === 0) v.age.clear();
+        await writeVolumeHeader(this.store, v);
+        v.fp.removeAllMappings(); // unrestrictive: the side becomes readable
+      }
+    });
+    task.info.state = 'done';
+    task.info.percent = 100;
+    task.info.finishedAt = new Date().toISOString();
+    this.log.info({ disk, copiedBytes: task.info.doneBytes, dirtiedBytes, volumes: plan.map((p) => p.v.header.name), ms: Date.now() - started }, 'resync done');
+  }
+
+  /** Copy one allocation extent of volume space from a live side to `disk`'s side, with host writes to it held. */
+  private async copyExtent(v: Volume, e: number, disk: string): Promise<void> {
+    const E = this.root.extentBytes;
+    let release!: () => void;
+    v.copying.set(e, new Promise<void>((r) => (release = r)));
+    try {
+      const revokedAt = v.fp.removeMapping(e * E, E);
+      await v.fp.drain(revokedAt, e * E, E);
+      const end = Math.min((e + 1) * E, v.header.sizeBytes);
+      const buf = Buffer.allocUnsafe(COPY_CHUNK_BYTES);
+      for (let pos = e * E; pos < end;) {
+        const r = v.map.resolve(pos);
+        if (!r) break;
+        const n = Math.min(end - pos, r.extentRemainingBytes, COPY_CHUNK_BYTES);
+        for (const piece of mapRange(r.entry.storage, r.relativeBytes, n)) {
+          const src = piece.targets.findIndex((t) => this.sideState(v, t.disk) === 'live');
+          const dst = piece.targets.findIndex((t) => t.disk === disk);
+          if (dst < 0) continue;
+          if (src < 0) throw new Error(`no live side to copy from for volume ${v.header.name}`);
+          const slice = buf.subarray(0, piece.lengthBytes);
+          const rr = await diskIo((d) => this.disks.get(piece.targets[src]!.disk)!.read(slice, piece.physicalOffsets[src]!, d));
+          if (rr < 0) throw new Error(`resync read failed (${rr})`);
+          const wr = await diskIo((d) => this.disks.get(disk)!.write(slice, piece.physicalOffsets[dst]!, false, d));
+          if (wr < 0) throw new Error(`resync write failed (${wr})`);
+        }
+        pos += n;
+      }
+      await diskIo((d) => this.disks.get(disk)!.flush(d));
+    } finally {
+      v.copying.delete(e);
+      release();
+    }
+  }
+
+  // ── verify and status ────────────────────────────────────────────────────
+  async verifyVolume(name: string): Promise<VerifyReport> {
+    const v = this.volume(name);
+    const report: VerifyReport = { volume: name, comparedBytes: 0, mismatches: [] };
+    const chunk = COPY_CHUNK_BYTES;
+    for (let pos = 0; pos < v.header.sizeBytes;) {
+      const r = v.map.resolve(pos);
+      if (!r) break;
+      const n = Math.min(v.header.sizeBytes - pos, r.extentRemainingBytes, chunk);
+      for (const piece of mapRange(r.entry.storage, r.relativeBytes, n)) {
+        if (piece.targets.length < 2) continue;
+        const copies: Buffer[] = [];
+        for (let i = 0; i < piece.targets.length; i++) {
+          const b = Buffer.alloc(piece.lengthBytes);
+          const t = piece.targets[i]!;
+          if (this.sideState(v, t.disk) !== 'live') { copies.push(b); continue; }
+          const rr = await diskIo((d) => this.disks.get(t.disk)!.read(b, piece.physicalOffsets[i]!, d));
+          if (rr < 0) throw new AdminError('EIO', `verify: reading disk ${t.disk} failed`);
+          copies.push(b);
+        }
+        const differing: number[] = [];
+        for (let i = 1; i < copies.length; i++) {
+          if (this.sideState(v, piece.targets[i]!.disk) === 'live' && this.sideState(v, piece.targets[0]!.disk) === 'live' && !copies[i]!.equals(copies[0]!)) differing.push(i);
+        }
+        if (differing.length > 0) {
+          const off = pos + piece.bufferOffsetBytes;
+          const last = report.mismatches.at(-1);
+          if (last && last.offsetBytes + last.lengthBytes === off && last.sides.join() === differing.join()) last.lengthBytes += piece.lengthBytes;
+          else report.mismatches.push({ offsetBytes: off, lengthBytes: piece.lengthBytes, sides: differing });
+        }
+        report.comparedBytes += piece.lengthBytes;
+      }
+      pos += n;
+    }
+    return report;
+  }
+
+  status(): NodeStatus {
+    return {
+      nodes: this.nodeInfo ? [this.nodeInfo] : [],
+      volumes: this.listVolumes(),
+      disks: this.listDisks(),
+      tasks: this.tasks.map((t) => t.info),
+      metadata: { path: this.config.metadata.path, chunkCount: this.store.chunkCount, chunksUsed: this.usedChunks().size, chunkBytes: this.store.chunkBytes },
+    };
+  }
+}
+
+function descriptorFor(shape: { layout: Layout; copies: number; stripeBytes: number; columns: number }, p: Placement[]): StorageDescriptor {
+  switch (shape.layout) {
+    case 'linear':
+      return { kind: 'linear', at: p[0]! };
+    case 'striped':
+      return { kind: 'striped', stripeBytes: shape.stripeBytes, columns: p };
+    case 'mirrored':
+      return { kind: 'mirrored', sides: p };
+    case 'striped-mirrored': {
+      const columns: Placement[][] = [];
+      for (let c = 0; c < shape.columns; c++) columns.push(p.slice(c * shape.copies, (c + 1) * shape.copies));
+      return { kind: 'striped-mirrored', stripeBytes: shape.stripeBytes, columns };
+    }
+  }
+}
+
+function diskIo(f: (done: IoDone) => void): Promise<number> {
+  return new Promise((resolve) => f(resolve));
+}
