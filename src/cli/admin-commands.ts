@@ -103,7 +103,7 @@ async function withNode(label: string, o: CommonOptions, fn: (client: AdminClien
 export function registerAdminCommands(program: Command): void {
   const volume = program.command('volume').description('create, list, show, grow, delete and verify volumes on the running node');
 
-  common(volume.command('create'))
+  volume.command('create')
     .description('create a volume and export it over NBD')
     .argument('<name>', 'volume name (also its NBD export name)', nameArg('NAME'))
     .requiredOption('--size <size>', 'volume size (512M, 10G, 1TiB)', sizeArg('--size'))
@@ -140,7 +140,7 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(volume.command('list'))
+  volume.command('list')
     .description('list volumes')
     .action(async (o: CommonOptions) => {
       await withNode('dve volume list', o, async (c) => {
@@ -151,7 +151,7 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(volume.command('show'))
+  volume.command('show')
     .description('show one volume, with its NBD URIs')
     .argument('<name>', 'volume name', nameArg('NAME'))
     .action(async (name: string, o: CommonOptions) => {
@@ -162,7 +162,7 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(volume.command('grow'))
+  volume.command('grow')
     .description('grow a volume to a new size')
     .argument('<name>', 'volume name', nameArg('NAME'))
     .requiredOption('--size <size>', 'the new size (larger than the current one)', sizeArg('--size'))
@@ -174,7 +174,7 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(volume.command('delete'))
+  volume.command('delete')
     .description('delete a volume and free its extents')
     .argument('<name>', 'volume name', nameArg('NAME'))
     .action(async (name: string, o: CommonOptions) => {
@@ -185,7 +185,7 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(volume.command('verify'))
+  volume.command('verify')
     .description('compare the mirror sides of a volume (exit 1 when they differ)')
     .argument('<name>', 'volume name', nameArg('NAME'))
     .action(async (name: string, o: CommonOptions) => {
@@ -199,7 +199,7 @@ export function registerAdminCommands(program: Command): void {
 
   const disk = program.command('disk').description('list disks, take them offline and bring them back');
 
-  common(disk.command('list'))
+  disk.command('list')
     .description('list disks')
     .action(async (o: CommonOptions) => {
       await withNode('dve disk list', o, async (c) => {
@@ -210,7 +210,7 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(disk.command('offline'))
+  disk.command('offline')
     .description('take a disk offline (mirrored volumes keep running, degraded)')
     .argument('<id>', 'disk id', nameArg('ID'))
     .action(async (id: string, o: CommonOptions) => {
@@ -221,7 +221,7 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(disk.command('online'))
+  disk.command('online')
     .description('bring a disk back; its mirror sides resync in the background')
     .argument('<id>', 'disk id', nameArg('ID'))
     .option('--wait', 'wait for the resync to finish, showing progress', false)
@@ -246,7 +246,8 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
-  common(program.command('status'))
+  const status = program
+    .command('status')
     .description('nodes, volumes, disks and background tasks of the running node')
     .action(async (o: CommonOptions) => {
       await withNode('dve status', o, async (c) => {
@@ -255,6 +256,9 @@ export function registerAdminCommands(program: Command): void {
         out(statusText(s));
       });
     });
+
+  // Listed after each command's own options in --help.
+  for (const cmd of [...volume.commands, ...disk.commands, status]) common(cmd);
 }
 
 // ---------------------------------------------------------------- --wait

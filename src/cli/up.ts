@@ -8,6 +8,7 @@ import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { createLogger } from '../log.js';
+import { processAlive } from '../util/process.js';
 import { attachHelp } from './serve.js';
 import { loadConfig } from '../config/config.js';
 import { DEFAULT_VOLUME, defaultConfig, startNode } from '../node/node.js';
@@ -22,9 +23,7 @@ function pidFile(stateDir: string): string {
 function runningPid(stateDir: string): number | null {
   try {
     const pid = Number(fs.readFileSync(pidFile(stateDir), 'utf8').trim());
-    if (!Number.isInteger(pid) || pid <= 0) return null;
-    process.kill(pid, 0);
-    return pid;
+    return processAlive(pid) ? pid : null;
   } catch {
     return null;
   }
@@ -97,9 +96,7 @@ export async function runDown(stateDir: string): Promise<number> {
   process.kill(pid, 'SIGTERM');
   for (let i = 0; i < 300; i++) {
     await new Promise((r) => setTimeout(r, 100));
-    try {
-      process.kill(pid, 0);
-    } catch {
+    if (!processAlive(pid)) {
       process.stdout.write(`dve down: stopped pid ${pid}\n`);
       return 0;
     }
