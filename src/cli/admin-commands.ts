@@ -273,11 +273,15 @@ async function waitForTask(c: AdminClient, first: TaskInfo, json: boolean): Prom
   let bar: cliProgress.SingleBar | null = null;
   let lastDecile = -1;
   const show = (t: TaskInfo): void => {
-    const payload = { target: t.target, done: formatSize(t.doneBytes), total: formatSize(t.totalBytes), rate: formatRate(t.rateBytesPerSec) };
+    // (cli-progress reserves {total}, {value}, {eta}: these names stay clear of them)
+    const payload = {
+      target: t.target, doneSize: formatSize(t.doneBytes), totalSize: formatSize(t.totalBytes),
+      rate: formatRate(t.rateBytesPerSec), left: formatEta(t),
+    };
     if (tty) {
       if (!bar) {
         bar = new cliProgress.SingleBar({
-          format: 'resync {target} [{bar}] {percentage}% | {done} / {total} | {rate} | eta {eta_formatted}',
+          format: 'resync {target} [{bar}] {percentage}% | {doneSize} / {totalSize} | {rate} | {left}',
           stream: process.stderr,
           hideCursor: true,
           clearOnComplete: false,
@@ -290,9 +294,16 @@ async function waitForTask(c: AdminClient, first: TaskInfo, json: boolean): Prom
     const decile = Math.floor(Math.min(100, Math.max(0, t.percent)) / 10);
     if (decile > lastDecile) {
       lastDecile = decile;
-      lineOut.write(`resync ${t.target}: ${formatPercent(t.percent)} (${payload.done} of ${payload.total}, ${payload.rate})\n`);
+      lineOut.write(`resync ${t.target}: ${formatPercent(t.percent)} (${payload.doneSize} of ${payload.totalSize}, ${payload.rate})\n`);
     }
   };
+  // Ctrl-C stops the waiting, not the resync: put the cursor back and say so.
+  const onInterrupt = (): void => {
+    (bar as cliProgress.SingleBar | null)?.stop();
+    process.stderr.write(`\ndve disk online: stopped waiting; the resync (task ${first.id}) continues on the node (see dve status)\n`);
+    process.exit(130);
+  };
+  process.once('SIGINT', onInterrupt);
   let task = first;
   try {
     for (;;) {
@@ -303,13 +314,22 @@ async function waitForTask(c: AdminClient, first: TaskInfo, json: boolean): Prom
       }
       await new Promise((r) => setTimeout(r, POLL_MS));
       const s = await c.status();
-      const now = s.tasks.find((t) => t.id === first.id);
-      if (!now) return vanished(first, s);
-      task = now;
+      task = s.tasks.find((t) => t.id === first.id) ?? vanished(first, s);
     }
   } finally {
+    process.off('SIGINT', onInterrupt);
     (bar as cliProgress.SingleBar | null)?.stop();
   }
+}
+
+/** "about 2m 5s left" from the task's own rate; "" when it cannot tell. */
+function formatEta(t: TaskInfo): string {
+  const left = t.totalBytes - t.doneBytes;
+  if (t.state !== 'running' || left <= 0 || !(t.rateBytesPerSec > 0)) return '';
+  const s = Math.ceil(left / t.rateBytesPerSec);
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  return `about ${h > 0 ? `${h}h ${m}m` : m > 0 ? `${m}m ${s % 60}s` : `${s}s`} left`;
 }
 
 /** The node stopped listing the task: judge by the disk and its volumes. */
@@ -338,6 +358,10 @@ function describeLayout(v: VolumeInfo): string {
   return parts.length > 0 ? `${v.layout} (${parts.join(', ')})` : v.layout;
 }
 
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
 function totalFaults(v: VolumeInfo): number {
   return Object.values(v.fp.faults).reduce((a, b) => a + b, 0);
 }
@@ -360,7 +384,7 @@ function volumeDetails(v: VolumeInfo): string {
     ['layout', describeLayout(v)],
     ['state', paintState(v.state, color)],
     ['disks', v.disks.join(', ') || '-'],
-    ['allocated', `${formatSize(v.allocatedBytes)} in ${v.extents} extents, ${v.vsegs} vsegs`],
+    ['allocated', `${formatSize(v.allocatedBytes)} in ${plural(v.extents, 'extent')}, ${plural(v.vsegs, 'vseg')}`],
     ['fast path', `${formatFraction(v.fp.fpShare)} hits (${v.fp.hits} hits, ${totalFaults(v)} faults${faults.length ? `: ${faults.join(', ')}` : ''})`],
     ['', `${v.fp.cachedMappings} cached mappings, ${v.fp.cpDispatched} sent to the control path, pending ${v.fp.pendingUpstream} up / ${v.fp.pendingDownstream} down`],
   ];

@@ -123,16 +123,28 @@ export class Engine implements EngineAdmin, CpApi {
 
   // ── start-up ─────────────────────────────────────────────────────────────
   static async open(o: EngineOptions): Promise<Engine> {
-    const { config, log } = o;
     const queue = o.queue ?? new IoBatchQueue();
     const disks = new Map<string, DiskSlot>();
-    for (const d of config.disks) {
-      const file = FileBackend.open(d.path, { createSizeBytes: fs.existsSync(d.path) ? undefined : d.sizeBytes, queue });
-      disks.set(d.id, new DiskSlot(d.id, file));
+    let dev: FileMetaDevice | null = null;
+    try {
+      for (const d of o.config.disks) {
+        const file = FileBackend.open(d.path, { createSizeBytes: fs.existsSync(d.path) ? undefined : d.sizeBytes, queue });
+        disks.set(d.id, new DiskSlot(d.id, file));
+      }
+      const fresh = !fs.existsSync(o.config.metadata.path);
+      if (fresh) fs.mkdirSync(path.dirname(o.config.metadata.path), { recursive: true });
+      dev = await FileMetaDevice.open(o.config.metadata.path, { sizeBytes: o.config.metadata.sizeBytes, create: fresh });
+      return await Engine.load(o, disks, dev, fresh);
+    } catch (e) {
+      // Nothing half-open is left behind: close what was opened, then report.
+      for (const d of disks.values()) await d.close().catch(() => {});
+      await dev?.close().catch(() => {});
+      throw e;
     }
-    const fresh = !fs.existsSync(config.metadata.path);
-    if (fresh) fs.mkdirSync(path.dirname(config.metadata.path), { recursive: true });
-    const dev = await FileMetaDevice.open(config.metadata.path, { sizeBytes: config.metadata.sizeBytes, create: fresh });
+  }
+
+  private static async load(o: EngineOptions, disks: Map<string, DiskSlot>, dev: FileMetaDevice, fresh: boolean): Promise<Engine> {
+    const { config, log } = o;
     let store: ChunkStore;
     let root: RootRecord | null = null;
     try {
