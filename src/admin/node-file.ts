@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Endpoint } from '../config/config.js';
 import { AdminError } from '../engine/admin-api.js';
+import { processAlive } from '../util/process.js';
 
 export interface NodeFileInfo {
   id: number;
@@ -36,15 +37,9 @@ export function removeNodeFile(stateDir: string, id: number): void {
   fs.rmSync(nodeFilePath(stateDir, id), { force: true });
 }
 
-/** True when a process with this pid exists (EPERM: it exists, owned by someone else). */
+/** True when a process with this pid exists and is not a zombie. */
 export function pidAlive(pid: number): boolean {
-  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
+  return processAlive(pid);
 }
 
 /** The node files of live nodes in stateDir, by id; stale and unreadable files are skipped. */

@@ -410,6 +410,7 @@ function diskTable(disks: DiskInfo[], withPath: boolean): string {
 }
 
 function verifyText(r: VerifyReport): string {
+  if (r.mismatches.length === 0 && r.comparedBytes === 0) return `volume ${r.volume}: no mirror sides to compare`;
   if (r.mismatches.length === 0) {
     return `volume ${r.volume}: mirror sides agree (${formatSize(r.comparedBytes)} compared)`;
   }
