@@ -350,7 +350,7 @@ function nonEmptyString(x: unknown, at: string): string {
   return x;
 }
 
-const CREATE_FIELDS = ['name', 'sizeBytes', 'layout', 'disks', 'copies', 'stripeBytes', 'columns'] as const;
+const CREATE_FIELDS = ['name', 'sizeBytes', 'layout', 'disks', 'copies', 'stripeBytes', 'columns', 'journalBytes'] as const;
 
 export function parseCreateRequest(x: unknown): VolumeCreateRequest {
   const o = object(x, CREATE_FIELDS);
@@ -375,5 +375,6 @@ export function parseCreateRequest(x: unknown): VolumeCreateRequest {
   if (o.copies !== undefined) req.copies = wholeNumber(o.copies, 'copies', 2);
   if (o.stripeBytes !== undefined) req.stripeBytes = positiveSize(o.stripeBytes, 'stripeBytes');
   if (o.columns !== undefined) req.columns = wholeNumber(o.columns, 'columns', 1);
+  if (o.journalBytes !== undefined) req.journalBytes = positiveSize(o.journalBytes, 'journalBytes');
   return req;
 }

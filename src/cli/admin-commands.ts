@@ -112,7 +112,8 @@ export function registerAdminCommands(program: Command): void {
     .option('--copies <n>', 'mirror sides (mirrored, striped-mirrored; default 2)', wholeArg('--copies', 2))
     .option('--stripe-size <size>', 'stripe width (striped, striped-mirrored; default 64K)', sizeArg('--stripe-size'))
     .option('--columns <n>', 'stripe columns (striped, striped-mirrored)', wholeArg('--columns', 1))
-    .action(async (name: string, o: CommonOptions & { size: number; layout: Layout; disks?: string[]; copies?: number; stripeSize?: number; columns?: number }) => {
+    .option('--journal <size>', 'also append every write to a write journal of this size (two regions, swapped when full)', sizeArg('--journal'))
+    .action(async (name: string, o: CommonOptions & { size: number; layout: Layout; disks?: string[]; copies?: number; stripeSize?: number; columns?: number; journal?: number }) => {
       const label = 'dve volume create';
       const mirrored = o.layout === 'mirrored' || o.layout === 'striped-mirrored';
       const striped = o.layout === 'striped' || o.layout === 'striped-mirrored';
@@ -132,6 +133,7 @@ export function registerAdminCommands(program: Command): void {
       if (o.copies !== undefined) req.copies = o.copies;
       if (o.stripeSize !== undefined) req.stripeBytes = o.stripeSize;
       if (o.columns !== undefined) req.columns = o.columns;
+      if (o.journal !== undefined) req.journalBytes = o.journal;
       await withNode(label, o, async (c) => {
         const v = await c.createVolume(req);
         if (o.json) return printJson(v);

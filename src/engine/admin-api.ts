@@ -21,6 +21,18 @@ export interface VolumeCreateRequest {
   stripeBytes?: number;
   /** Stripe columns (striped, striped-mirrored; default: as many disks as allowed, at most 4). */
   columns?: number;
+  /** Attach a write journal of this size: every write is also appended to it as a record. */
+  journalBytes?: number;
+}
+
+export interface JournalInfo {
+  /** Size of each of the two regions. */
+  regionBytes: number;
+  usedBytes: number;
+  /** The sequence number the next record gets. */
+  nextSequence: number;
+  recordsInRegion: number;
+  swaps: number;
 }
 
 export interface FpStatisticsView {
@@ -50,6 +62,7 @@ export interface VolumeInfo {
   /** Where it is exported. */
   uris: string[];
   allocatedBytes: number;
+  journal: JournalInfo | null;
   fp: FpStatisticsView;
 }
 

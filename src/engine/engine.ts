@@ -31,7 +31,8 @@ import { mapRange, placementsOf } from '../storage/layout.js';
 import type { Backend, IoDone } from '../storage/backend.js';
 import { FileBackend } from '../storage/file-backend.js';
 import { IoBatchQueue } from '../storage/io-batch.js';
-import { FastPath } from '../fp/fast-path.js';
+import { FastPath, MAX_FP_JOURNAL_RECORD_BYTES } from '../fp/fast-path.js';
+import { JournalWriter, recordBytes, scanJournal, type JournalRegion } from '../journal/write-journal.js';
 import { FAULT_CLASS_NAMES, FaultClass, UpstreamOp, type CpApi, type FpMapping, type MissAnswer, type UpstreamIo } from '../fp/api.js';
 import { ExportRegistry, NbdExport } from '../../nbd/export.js';
 import { HOST_ERRNO } from '../../nbd/errno.js';
@@ -39,7 +40,7 @@ import { isPowerOfTwo } from '../util/number.js';
 import { formatSize } from '../util/size.js';
 import {
   AdminError, LAYOUTS, type DiskInfo, type EngineAdmin, type FpStatisticsView, type Layout, type NodeInfo,
-  type NodeStatus, type TaskInfo, type VerifyReport, type VolumeCreateRequest, type VolumeInfo,
+  type NodeStatus, type TaskInfo, type VerifyReport, type VolumeCreateRequest, type VolumeInfo, type JournalInfo,
 } from './admin-api.js';
 import {
   METADATA_FORMAT, ROOT_CHUNK, readVolume, writeVolume, writeVolumeHeader, type RootRecord, type VolumeRecord,
@@ -86,6 +87,9 @@ interface Volume extends VolumeRecord {
   copying: Map<number, Promise<void>>;
   /** Disks whose stale sides are catching up (take writes, give no reads). */
   resyncing: Set<string>;
+  journal: JournalWriter | null;
+  /** A journal swap in progress: writes that found the journal full wait for it. */
+  swapping: Promise<void> | null;
 }
 
 interface Task {
@@ -171,8 +175,8 @@ export class Engine implements EngineAdmin, CpApi {
     const engine = new Engine(config, log, disks, store, dev, root, allocator);
     for (const v of root.volumes) {
       const rec = await readVolume(store, v.headerChunk);
-      engine.allocator.markUsed(engine.extentsOf(rec.map));
-      engine.attach(rec);
+      engine.allocator.markUsed(engine.recordExtents(rec));
+      engine.attach(rec, await engine.openJournal(rec));
     }
     await store.writeChunk(ROOT_CHUNK, root);
     log.info({ volumes: root.volumes.length, disks: disks.size, generation: root.generation }, 'engine ready');
@@ -199,10 +203,11 @@ export class Engine implements EngineAdmin, CpApi {
     return run;
   }
 
-  private attach(rec: VolumeRecord): Volume {
+  private attach(rec: VolumeRecord, journal: JournalWriter | null = null): Volume {
     const fp = new FastPath(rec.header.name, rec.header.sizeBytes, this, this.disks);
+    fp.journal = journal;
     const exp = new NbdExport(rec.header.name, fp, `dve ${rec.header.layout} volume ${rec.header.name}`);
-    const v: Volume = { ...rec, fp, exp, copying: new Map(), resyncing: new Set() };
+    const v: Volume = { ...rec, fp, exp, copying: new Map(), resyncing: new Set(), journal, swapping: null };
     this.volumes.set(rec.header.name, v);
     this.exports.add(exp);
     return v;
@@ -226,6 +231,24 @@ export class Engine implements EngineAdmin, CpApi {
       }
     }
     return out;
+  }
+
+  /** Every physical extent a volume holds: its maps' and its journal's. */
+  private recordExtents(rec: VolumeRecord): PhysicalExtent[] {
+    const out = this.extentsOf(rec.map);
+    for (const r of rec.header.journal?.regions ?? []) out.push({ disk: r.disk, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes });
+    return out;
+  }
+
+  /** The journal writer of a volume, positioned after the last valid record of the active region. */
+  private async openJournal(rec: VolumeRecord): Promise<JournalWriter | null> {
+    const j = rec.header.journal;
+    if (!j) return null;
+    const region = j.regions[j.active]!;
+    const disk = this.disks.get(region.disk)!;
+    const { records, headBytes } = await scanJournal(disk, region, j.sequenceBase);
+    this.log.info({ volume: rec.header.name, records: records.length, headBytes, nextSequence: j.sequenceBase + records.length }, 'write journal opened');
+    return new JournalWriter(region, disk, j.sequenceBase + records.length, headBytes);
   }
 
   private usedChunks(): Set<number> {
@@ -263,21 +286,33 @@ export class Engine implements EngineAdmin, CpApi {
       if (this.volumes.has(req.name)) throw new AdminError('EEXIST', `volume ${req.name} already exists`);
       const shape = this.shapeFor(req);
       const vseg = this.buildVseg(0, req.sizeBytes, shape, req.disks);
+      let journalRegions: JournalRegion[] | null = null;
+      try {
+        journalRegions = req.journalBytes === undefined ? null : this.allocateJournal(req.journalBytes, req.disks);
+      } catch (e) {
+        this.allocator.free(vseg.extents);
+        throw e;
+      }
       const map = new VolumeMap([vseg.vseg]);
       const rec: VolumeRecord = {
-        header: { name: req.name, sizeBytes: req.sizeBytes, layout: req.layout, copies: shape.copies, stripeBytes: shape.stripeBytes, columns: shape.columns, stale: [] },
+        header: {
+          name: req.name, sizeBytes: req.sizeBytes, layout: req.layout, copies: shape.copies, stripeBytes: shape.stripeBytes, columns: shape.columns, stale: [],
+          journal: journalRegions ? { regions: journalRegions, active: 0, sequenceBase: 1 } : null,
+        },
         map, headerChunk: 0, rmapChunks: [], age: new Map(),
       };
       try {
         const alloc = this.chunkAllocator();
         rec.headerChunk = alloc();
         await writeVolume(this.store, rec, alloc);
-        const v = this.attach(rec);
+        const j = journalRegions ? new JournalWriter(journalRegions[0]!, this.disks.get(journalRegions[0]!.disk)!, 1, 0) : null;
+        if (j) await this.clearJournalRegion(journalRegions![0]!);
+        const v = this.attach(rec, j);
         await this.commitRoot();
         this.log.info({ volume: req.name, sizeBytes: req.sizeBytes, layout: req.layout, disks: this.volumeDisks(v) }, 'volume created');
         return this.volumeInfo(v);
       } catch (e) {
-        this.allocator.free(vseg.extents);
+        this.allocator.free(this.recordExtents(rec));
         if (this.volumes.get(req.name)?.map === map) {
           this.volumes.delete(req.name);
           this.exports.remove(req.name);
@@ -322,7 +357,7 @@ export class Engine implements EngineAdmin, CpApi {
       await v.fp.drain(Number.MAX_SAFE_INTEGER);
       this.volumes.delete(name);
       await this.commitRoot();
-      this.allocator.free(this.extentsOf(v.map));
+      this.allocator.free(this.recordExtents(v));
       this.log.info({ volume: name }, 'volume deleted');
     });
   }
@@ -406,6 +441,64 @@ export class Engine implements EngineAdmin, CpApi {
     return { vseg: new Vseg(startBytes, lengthBytes, rmap, redirects), extents: res.extents };
   }
 
+  /** Two journal regions of `bytes` each (rounded up to allocation extents), contiguous on one disk. */
+  private allocateJournal(bytes: number, disks?: string[]): JournalRegion[] {
+    const E = this.root.extentBytes;
+    if (!Number.isSafeInteger(bytes) || bytes < 2 * MAX_FP_JOURNAL_RECORD_BYTES) {
+      throw new AdminError('EINVAL', `journal size ${bytes} must be at least ${formatSize(2 * MAX_FP_JOURNAL_RECORD_BYTES)}`);
+    }
+    const per = Math.ceil(bytes / E);
+    const online = (disks ?? [...this.disks.keys()]).filter((d) => this.disks.get(d)?.state === 'online');
+    const res = this.allocator.allocate(2 * per, { disks: online, contiguous: true });
+    if (!res.ok) throw new AdminError('ENOSPC', `journal: ${res.error}`);
+    const run = res.extents[0]!;
+    return [0, 1].map((i) => ({ disk: run.disk, offsetBytes: run.offsetBytes + i * per * E, lengthBytes: per * E }));
+  }
+
+  /** A fresh region must not start with records of an earlier use: clear its first record slot. */
+  private async clearJournalRegion(region: JournalRegion): Promise<void> {
+    const r = await diskIo((d) => this.disks.get(region.disk)!.write(Buffer.alloc(512), region.offsetBytes, true, d));
+    if (r < 0) throw new AdminError('EIO', `journal: clearing the region on disk ${region.disk} failed`);
+  }
+
+  /** Seal the active journal region and switch to the other one (JOURNAL_FULL). */
+  private swapJournal(v: Volume): Promise<void> {
+    return (v.swapping ??= (async () => {
+      try {
+        const j = v.header.journal!;
+        const next = 1 - j.active;
+        await this.clearJournalRegion(j.regions[next]!);
+        j.active = next;
+        j.sequenceBase = v.journal!.sequence;
+        await writeVolumeHeader(this.store, v);
+        v.journal!.swap(j.regions[next]!, this.disks.get(j.regions[next]!.disk)!);
+        this.log.info({ volume: v.header.name, region: next, sequenceBase: j.sequenceBase, swaps: v.journal!.swaps }, 'write journal swapped');
+      } finally {
+        v.swapping = null;
+      }
+    })());
+  }
+
+  /** Journal a write done by the CP: records of at most MAX_FP_JOURNAL_RECORD_BYTES, swapping regions as they fill. */
+  private async journalWrite(v: Volume, offsetBytes: number, data: Buffer, fua: boolean): Promise<number> {
+    const j = v.journal!;
+    for (let pos = 0; pos < data.length; pos += MAX_FP_JOURNAL_RECORD_BYTES) {
+      const piece = data.subarray(pos, Math.min(data.length, pos + MAX_FP_JOURNAL_RECORD_BYTES));
+      for (;;) {
+        if (v.swapping) await v.swapping;
+        let started = false;
+        const r = await diskIo((d) => { started = j.tryAppend(offsetBytes + pos, piece, fua, d); if (!started) d(1); });
+        if (started) {
+          if (r < 0) return r;
+          break;
+        }
+        if (recordBytes(piece.length) > j.region.lengthBytes) return EIO;
+        await this.swapJournal(v);
+      }
+    }
+    return 0;
+  }
+
   private volumeDisks(v: Volume): string[] {
     const s = new Set<string>();
     for (const vs of v.map.vsegs) for (const [, e] of vs.redirects.entries()) for (const p of placementsOf(e.storage)) s.add(p.disk);
@@ -429,8 +522,14 @@ export class Engine implements EngineAdmin, CpApi {
       name: h.name, sizeBytes: h.sizeBytes, layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes || null,
       columns: h.columns, disks: this.volumeDisks(v), vsegs: v.map.vsegs.length, extents, state,
       uris: this.uriBases.map((b) => `${b}/${encodeURIComponent(h.name)}`),
-      allocatedBytes: this.extentsOf(v.map).reduce((a, e) => a + e.lengthBytes, 0), fp,
+      allocatedBytes: this.recordExtents(v).reduce((a, e) => a + e.lengthBytes, 0),
+      journal: v.journal ? this.journalInfo(v.journal) : null,
+      fp,
     };
+  }
+
+  private journalInfo(j: JournalWriter): JournalInfo {
+    return { regionBytes: j.region.lengthBytes, usedBytes: j.usedBytes, nextSequence: j.sequence, recordsInRegion: j.records, swaps: j.swaps };
   }
 
   // ── the CP API: mapping misses ───────────────────────────────────────────
@@ -534,6 +633,7 @@ export class Engine implements EngineAdmin, CpApi {
       }
       pos += n;
     }
+    if (io.op === UpstreamOp.WRITE && v.journal) jobs.push(this.journalWrite(v, io.offsetBytes, io.buffer!, io.fua));
     const results = await Promise.all(jobs);
     return results.find((x) => x < 0) ?? 0;
   }

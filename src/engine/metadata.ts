@@ -20,6 +20,7 @@ import { RedirectTable, type RedirectTableJSON } from '../map/redirect.js';
 import { Vseg, VolumeMap } from '../map/vseg.js';
 import type { ChunkStore } from '../meta/chunk-store.js';
 import type { Layout } from './admin-api.js';
+import type { JournalRegion } from '../journal/write-journal.js';
 
 export const METADATA_FORMAT = 1;
 export const ROOT_CHUNK = 0;
@@ -48,6 +49,14 @@ export interface VolumeHeader {
   stale: { disk: string; sinceGeneration: number }[];
   /** Age list: allocation-extent index (of volume space) → generation of the first write after a degradation. */
   age: [number, number][];
+  /** The write journal: two regions, the active one, and the sequence number its first record has. */
+  journal: JournalState | null;
+}
+
+export interface JournalState {
+  regions: JournalRegion[];
+  active: number;
+  sequenceBase: number;
 }
 
 interface RmapChunkRecord {

@@ -17,12 +17,15 @@
 import type { Backend, BackendCapabilities, ExtentsDone, IoDone, ZeroOptions } from '../storage/backend.js';
 import { placementsOf } from '../storage/layout.js';
 import type { StorageDescriptor } from '../map/storage-descriptor.js';
+import type { JournalWriter } from '../journal/write-journal.js';
 import {
   FaultClass, UpstreamOp, nowUs,
   type CpApi, type FpApi, type FpMapping, type FpStatistics, type PendingIo, type UpstreamIo,
 } from './api.js';
 
 export const DEFAULT_MAX_CACHED_MAPPINGS = 4096;
+/** Writes up to this size are journaled by the FP as one record; larger ones by the CP, cut into records. */
+export const MAX_FP_JOURNAL_RECORD_BYTES = 1024 * 1024;
 
 /** A cached mapping with its disks resolved to backends once, not per I/O. */
 interface Cached {
@@ -56,6 +59,10 @@ class Pending implements UpstreamIo {
   firstError = 0;
   cached: Cached | null = null;
   finished = false;
+  /** Write-journal: the record is not down yet / the data is, with this result. */
+  journalPending = false;
+  dataDone = false;
+  dataResult = 0;
   constructor(private readonly fp: FastPath) {}
   complete(result: number): void {
     this.fp.finish(this, result);
@@ -76,6 +83,8 @@ export class FastPath implements Backend, FpApi {
   private readonly pool: Pending[] = [];
   private pendingDownstream = 0;
   private drainWaiters: { beforeUs: number; start: number; end: number; resolve: () => void }[] = [];
+  /** The volume's write journal, if it has one: every FP write also appends a record. */
+  journal: JournalWriter | null = null;
   private readonly stats: FpStatistics = {
     hits: 0, faults: [0, 0, 0, 0, 0, 0, 0], cpDispatched: 0, pendingUpstream: 0, pendingDownstream: 0, cachedMappings: 0,
   };
@@ -150,6 +159,9 @@ export class FastPath implements Backend, FpApi {
     p.firstError = 0;
     p.cached = null;
     p.finished = false;
+    p.journalPending = false;
+    p.dataDone = false;
+    p.dataResult = 0;
     this.pending.add(p);
     if (forceFault >= 0) return this.fault(p, forceFault as FaultClass);
     this.dispatch(p, true);
@@ -221,6 +233,7 @@ export class FastPath implements Backend, FpApi {
     const sides = c.writeSides[column]!;
     if (sides.length === 0) return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
     if (this.overlapsInflightWrite(p)) return this.fault(p, FaultClass.SERIALIZATION);
+    if (!this.appendJournal(p)) return this.fault(p, FaultClass.JOURNAL_FULL);
     p.cached = c;
     p.remaining = sides.length;
     this.stats.hits++;
@@ -247,7 +260,7 @@ export class FastPath implements Backend, FpApi {
       if (p.firstError === 0) p.firstError = r;
     }
     if (--p.remaining > 0) return;
-    if (p.failedPlacements === null) return this.finish(p, 0);
+    if (p.failedPlacements === null) return this.dataComplete(p, 0);
     // Some side failed: the CP marks it dead, records the generation, and completes
     // the write on the live sides (the host sees no error while one side lives).
     p.storage = p.cached!.m.storage;
@@ -256,6 +269,7 @@ export class FastPath implements Backend, FpApi {
 
   /** One downstream I/O for an upstream one (remap / stripe / one side of a mirror). */
   private issue(p: Pending, c: Cached, placement: number, physicalBytes: number): void {
+    if (p.op === UpstreamOp.WRITE && !this.appendJournal(p)) return this.fault(p, FaultClass.JOURNAL_FULL);
     this.stats.hits++;
     this.pendingDownstream++;
     p.cached = c;
@@ -268,10 +282,34 @@ export class FastPath implements Backend, FpApi {
         p.storage = c.m.storage;
         return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
       }
-      this.finish(p, 0);
+      this.dataComplete(p, 0);
     };
     if (p.op === UpstreamOp.READ) disk.read(p.buffer!, physicalBytes, onDone);
     else disk.write(p.buffer!, physicalBytes, p.fua, onDone);
+  }
+
+  /** Write-journal: reserve and write this write's record; false when the journal is full. */
+  private appendJournal(p: Pending): boolean {
+    const j = this.journal;
+    if (j === null) return true;
+    if (p.lengthBytes > MAX_FP_JOURNAL_RECORD_BYTES) return false; // the CP cuts it into several records
+    const id = p.id; // the Pending may be recycled by the time a late record completes
+    if (!j.tryAppend(p.offsetBytes, p.buffer!, p.fua, (r) => { if (p.id === id && !p.finished) this.journalComplete(p, r); })) return false;
+    p.journalPending = true;
+    return true;
+  }
+
+  private journalComplete(p: Pending, r: number): void {
+    p.journalPending = false;
+    if (r < 0) p.dataResult = p.dataResult < 0 ? p.dataResult : r;
+    if (p.dataDone) this.finish(p, p.dataResult);
+  }
+
+  /** The data part of a write (or a read) is done; a journaled write also waits for its record. */
+  private dataComplete(p: Pending, r: number): void {
+    if (!p.journalPending) return this.finish(p, p.dataResult < 0 ? p.dataResult : r);
+    p.dataDone = true;
+    if (r < 0) p.dataResult = r;
   }
 
   private fault(p: Pending, why: FaultClass): void {
