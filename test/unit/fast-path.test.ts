@@ -170,7 +170,7 @@ test('downstream error: a failed side faults the write to the CP with the failed
   await new Promise((r) => setTimeout(r, 5));
   t.is(cp.queued.length, 1);
   t.is(cp.queued[0]!.why, FaultClass.DOWNSTREAM_ERROR);
-  t.deepEqual((cp.queued[0]!.io as unknown as { failedSides: number[] }).failedSides, [1]);
+  t.deepEqual((cp.queued[0]!.io as unknown as { failedPlacements: number[] }).failedPlacements, [1]);
   cp.queued[0]!.io.complete(0);
   t.is(await w, 0);
   // A linear read error also faults.
@@ -218,4 +218,25 @@ test('remap honours relativeStartBytes: a trimmed extent still finds its bytes',
   fp.addMapping({ ...linear(MiB, MiB, 'd1', 2 * MiB), relativeStartBytes: 65536 });
   t.is(await io((d) => fp.write(Buffer.alloc(512, 0x11), MiB, false, d)), 0);
   t.true(disks.get('d1')!.data.subarray(2 * MiB + 65536, 2 * MiB + 65536 + 512).equals(Buffer.alloc(512, 0x11)));
+});
+
+test('a resyncing side takes writes but gives no reads; striped mirrors track sides per column', async (t) => {
+  const { fp, disks } = setup(4);
+  fp.addMapping({ startBytes: 0, lengthBytes: 4 * MiB, relativeStartBytes: 0, redirectId: 1, faultOnRead: false, faultOnWrite: false,
+    storage: { kind: 'striped-mirrored', stripeBytes: 65536, columns: [
+      [{ disk: 'd1', offsetBytes: 0 }, { disk: 'd2', offsetBytes: 0 }],
+      [{ disk: 'd3', offsetBytes: 0 }, { disk: 'd4', offsetBytes: 0 }],
+    ] },
+    sideStates: ['live', 'resyncing', 'live', 'dead'] });
+  // Column 0 (d1 live, d2 resyncing): a write reaches both.
+  t.is(await io((d) => fp.write(Buffer.alloc(4096, 1), 0, false, d)), 0);
+  t.true(disks.get('d1')!.data.subarray(0, 4096).equals(Buffer.alloc(4096, 1)));
+  t.true(disks.get('d2')!.data.subarray(0, 4096).equals(Buffer.alloc(4096, 1)));
+  // Column 1 (d3 live, d4 dead): only d3.
+  t.is(await io((d) => fp.write(Buffer.alloc(4096, 2), 65536, false, d)), 0);
+  t.true(disks.get('d3')!.data.subarray(0, 4096).equals(Buffer.alloc(4096, 2)));
+  t.true(disks.get('d4')!.data.subarray(0, 4096).equals(Buffer.alloc(4096)));
+  const d2reads = disks.get('d2')!.reads;
+  for (let i = 0; i < 6; i++) t.is(await io((d) => fp.read(Buffer.alloc(512), 0, d)), 0);
+  t.is(disks.get('d2')!.reads, d2reads, 'no read from the resyncing side');
 });
