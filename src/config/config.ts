@@ -30,6 +30,8 @@ export interface DiskConfig {
   /** A raw file (created sparse at sizeBytes if missing) or a block device. */
   path: string;
   sizeBytes?: number;
+  /** Mirror reads prefer the live sides of lowest cost (default 1; e.g. 10 for a slow or remote disk). */
+  readCost?: number;
 }
 
 export interface MetadataConfig {
@@ -126,7 +128,7 @@ export function validateConfig(raw: unknown, source: string, baseDir: string): C
     const at = `disks[${i}]`;
     const o = v.object(d, at);
     if (!o) return;
-    v.known(o, at, ['id', 'path', 'size']);
+    v.known(o, at, ['id', 'path', 'size', 'readCost']);
     const id = v.string(o.id, `${at}.id`);
     if (id !== null && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(id)) v.problem(`${at}.id`, id, 'must be 1-64 letters, digits, "_", "." or "-"');
     if (id !== null && seenIds.has(id)) v.problem(`${at}.id`, id, 'is used by another disk');
@@ -135,7 +137,8 @@ export function validateConfig(raw: unknown, source: string, baseDir: string): C
     const size = o.size === undefined ? undefined : v.size(o.size, `${at}.size`);
     if (p !== null && seenPaths.has(path.resolve(baseDir, p))) v.problem(`${at}.path`, p, 'is used by another disk');
     if (p !== null) seenPaths.add(path.resolve(baseDir, p));
-    if (id !== null && p !== null && size !== null) disks.push({ id, path: path.resolve(baseDir, p), sizeBytes: size });
+    const readCost = o.readCost === undefined ? 1 : v.integer(o.readCost, `${at}.readCost`, 0, 1_000_000);
+    if (id !== null && p !== null && size !== null && readCost !== null) disks.push({ id, path: path.resolve(baseDir, p), sizeBytes: size, readCost });
   });
 
   const metaRaw = v.object(root.metadata, 'metadata');

@@ -112,6 +112,7 @@ export class Engine implements EngineAdmin, CpApi {
   /** NBD URIs the node serves (set by the node once it listens). */
   uriBases: string[] = [];
   nodeInfo: NodeInfo | null = null;
+  private readonly readCost = new Map<string, number>();
   /** Called when a volume goes away, so its connections can be closed. */
   onVolumeRemoved: (name: string) => void = () => {};
 
@@ -173,6 +174,7 @@ export class Engine implements EngineAdmin, CpApi {
     for (const id of disks.keys()) if (!root.disks.some((d) => d.id === id)) root.disks.push({ id, state: 'online' });
     const allocator = new ExtentAllocator([...disks.values()].map((d) => ({ id: d.id, sizeBytes: d.sizeBytes, reservedBytes: 0 })), root.extentBytes);
     const engine = new Engine(config, log, disks, store, dev, root, allocator);
+    for (const d of config.disks) engine.readCost.set(d.id, d.readCost ?? 1);
     for (const v of root.volumes) {
       const rec = await readVolume(store, v.headerChunk);
       engine.allocator.markUsed(engine.recordExtents(rec));
@@ -560,6 +562,7 @@ export class Engine implements EngineAdmin, CpApi {
       faultOnRead: r.entry.faultOnRead,
       faultOnWrite,
       sideStates: mirrored ? placementsOf(r.entry.storage).map((p) => this.sideState(v, p.disk)) : undefined,
+      sideCosts: mirrored ? placementsOf(r.entry.storage).map((p) => this.readCost.get(p.disk) ?? 1) : undefined,
     };
     v.fp.addMapping(m);
     return { kind: 'CONTINUE' };

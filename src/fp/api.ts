@@ -58,6 +58,8 @@ export interface FpMapping {
    * and resyncing ones; dead sides get nothing. Absent: all live.
    */
   sideStates?: readonly ('live' | 'dead' | 'resyncing')[];
+  /** Per-placement read cost (same order): reads balance round-robin over the live sides of lowest cost. */
+  sideCosts?: readonly number[];
 }
 
 /** An upstream I/O as the CP sees it when the FP faults or queues it. */

@@ -404,7 +404,10 @@ export class FastPath implements Backend, FpApi {
         if (state === 'live') r.push(side);
         if (state !== 'dead') w.push(side);
       }
-      readSides.push(r);
+      // Reads go round-robin among the live sides of the lowest read cost.
+      const cost = (side: number): number => m.sideCosts?.[col * sidesPerColumn + side] ?? 1;
+      const cheapest = Math.min(...r.map(cost));
+      readSides.push(r.filter((side) => cost(side) === cheapest));
       writeSides.push(w);
     }
     return {

@@ -240,3 +240,14 @@ test('a resyncing side takes writes but gives no reads; striped mirrors track si
   for (let i = 0; i < 6; i++) t.is(await io((d) => fp.read(Buffer.alloc(512), 0, d)), 0);
   t.is(disks.get('d2')!.reads, d2reads, 'no read from the resyncing side');
 });
+
+test('read balancing by per-side cost: only the cheapest live sides are read', async (t) => {
+  const { fp, disks } = setup(3);
+  fp.addMapping({ startBytes: 0, lengthBytes: MiB, relativeStartBytes: 0, redirectId: 1, faultOnRead: false, faultOnWrite: false,
+    storage: { kind: 'mirrored', sides: [{ disk: 'd1', offsetBytes: 0 }, { disk: 'd2', offsetBytes: 0 }, { disk: 'd3', offsetBytes: 0 }] },
+    sideCosts: [10, 1, 1] });
+  for (let i = 0; i < 8; i++) t.is(await io((d) => fp.read(Buffer.alloc(512), 0, d)), 0);
+  t.is(disks.get('d1')!.reads, 0, 'the expensive side is not read');
+  t.is(disks.get('d2')!.reads, 4);
+  t.is(disks.get('d3')!.reads, 4);
+});
