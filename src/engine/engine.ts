@@ -66,8 +66,14 @@ class DiskSlot implements Backend {
     done(EIO);
     return false;
   }
+  /** Written since the last successful flush (the health flush makes it durable, or finds the disk broken). */
+  dirty = false;
   read(b: Buffer, off: number, done: IoDone): void { if (this.open(done)) this.file.read(b, off, done); }
-  write(b: Buffer, off: number, fua: boolean, done: IoDone): void { if (this.open(done)) this.file.write(b, off, fua, done); }
+  write(b: Buffer, off: number, fua: boolean, done: IoDone): void {
+    if (!this.open(done)) return;
+    this.dirty = true;
+    this.file.write(b, off, fua, done);
+  }
   flush(done: IoDone): void { if (this.state === 'online') this.file.flush(done); else done(0); }
   trim(off: number, len: number, fua: boolean, done: IoDone): void { if (this.open(done)) this.file.trim(off, len, fua, done); }
   zero(off: number, len: number, o: { noHole: boolean; fastOnly: boolean; fua: boolean }, done: IoDone): void {
@@ -90,6 +96,23 @@ interface Volume extends VolumeRecord {
   journal: JournalWriter | null;
   /** A journal swap in progress: writes that found the journal full wait for it. */
   swapping: Promise<void> | null;
+  /** The activity log in memory (header.active is its persisted form). */
+  activeSet: Set<number>;
+  /** Extents being added to the activity log: not durable yet, writes wait. */
+  activePending: Map<number, Promise<void>>;
+  /** Bumped on every CP-seen write to an active extent: the sweep removes only untouched ones. */
+  activeEpoch: Map<number, number>;
+  /** Active extents the sweep is about to remove: mapped fault-on-write meanwhile. */
+  closing: Set<number>;
+  sweeping: boolean;
+}
+
+/** Idle sweep of the activity log, and the health flush of written disks. */
+const ACTIVITY_SWEEP_MS = Number(process.env.DVE_ACTIVITY_SWEEP_MS ?? 10_000);
+const HEALTH_FLUSH_MS = Number(process.env.DVE_HEALTH_FLUSH_MS ?? 2_000);
+
+function isMirrored(layout: Layout): boolean {
+  return layout === 'mirrored' || layout === 'striped-mirrored';
 }
 
 interface Task {
@@ -113,6 +136,7 @@ export class Engine implements EngineAdmin, CpApi {
   uriBases: string[] = [];
   nodeInfo: NodeInfo | null = null;
   private readonly readCost = new Map<string, number>();
+  private readonly timers: NodeJS.Timeout[] = [];
   /** Called when a volume goes away, so its connections can be closed. */
   onVolumeRemoved: (name: string) => void = () => {};
 
@@ -181,6 +205,8 @@ export class Engine implements EngineAdmin, CpApi {
       engine.attach(rec, await engine.openJournal(rec));
     }
     await store.writeChunk(ROOT_CHUNK, root);
+    for (const v of engine.volumes.values()) await engine.reconcile(v);
+    engine.startTimers();
     log.info({ volumes: root.volumes.length, disks: disks.size, generation: root.generation }, 'engine ready');
     for (const v of engine.volumes.values()) {
       for (const s of v.header.stale) {
@@ -191,6 +217,7 @@ export class Engine implements EngineAdmin, CpApi {
   }
 
   async close(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
     for (const t of this.tasks) t.cancelled = true;
     await this.exclusive(async () => {});
     for (const v of this.volumes.values()) await v.fp.close();
@@ -209,7 +236,10 @@ export class Engine implements EngineAdmin, CpApi {
     const fp = new FastPath(rec.header.name, rec.header.sizeBytes, this, this.disks);
     fp.journal = journal;
     const exp = new NbdExport(rec.header.name, fp, `dve ${rec.header.layout} volume ${rec.header.name}`);
-    const v: Volume = { ...rec, fp, exp, copying: new Map(), resyncing: new Set(), journal, swapping: null };
+    const v: Volume = {
+      ...rec, fp, exp, copying: new Map(), resyncing: new Set(), journal, swapping: null,
+      activeSet: new Set(rec.header.active), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), sweeping: false,
+    };
     this.volumes.set(rec.header.name, v);
     this.exports.add(exp);
     return v;
@@ -295,10 +325,11 @@ export class Engine implements EngineAdmin, CpApi {
         this.allocator.free(vseg.extents);
         throw e;
       }
+      await this.scrub(vseg.extents);
       const map = new VolumeMap([vseg.vseg]);
       const rec: VolumeRecord = {
         header: {
-          name: req.name, sizeBytes: req.sizeBytes, layout: req.layout, copies: shape.copies, stripeBytes: shape.stripeBytes, columns: shape.columns, stale: [],
+          name: req.name, sizeBytes: req.sizeBytes, layout: req.layout, copies: shape.copies, stripeBytes: shape.stripeBytes, columns: shape.columns, stale: [], active: [],
           journal: journalRegions ? { regions: journalRegions, active: 0, sequenceBase: 1 } : null,
         },
         map, headerChunk: 0, rmapChunks: [], age: new Map(),
@@ -334,6 +365,7 @@ export class Engine implements EngineAdmin, CpApi {
       const shape = { layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes ?? DEFAULT_STRIPE_BYTES, columns: h.columns };
       const built = this.buildVseg(h.sizeBytes, sizeBytes - h.sizeBytes, shape, this.volumeDisks(v));
       try {
+        await this.scrub(built.extents);
         // Adding a VSEG is unrestrictive: cached mappings stay valid; the FP learns the new ones on a miss.
         v.map.append(built.vseg);
         v.header.sizeBytes = sizeBytes;
@@ -402,7 +434,7 @@ export class Engine implements EngineAdmin, CpApi {
     }
     const width = columns * copies;
     if (width > eligible) {
-      throw new AdminError('ENOSPC', `a ${req.layout} volume with ${columns} column(s) x ${copies} cop(ies) needs ${width} distinct online disks; ${eligible} are available`);
+      throw new AdminError('ENOSPC', `a ${req.layout} volume with ${columns} column(s) x ${copies} cop(ies) needs ${width} distinct online disks; only ${eligible} ${eligible === 1 ? 'is' : 'are'} available`);
     }
     return { layout: req.layout, copies, stripeBytes: striped ? stripeBytes : 0, columns };
   }
@@ -443,6 +475,16 @@ export class Engine implements EngineAdmin, CpApi {
     return { vseg: new Vseg(startBytes, lengthBytes, rmap, redirects), extents: res.extents };
   }
 
+  /** Freshly allocated extents read as zeros, never as a deleted volume's data (punch holes / BLKZEROOUT). */
+  private async scrub(extents: PhysicalExtent[]): Promise<void> {
+    const results = await Promise.all(extents.map((x) => diskIo((d) => this.disks.get(x.disk)!.zero(x.offsetBytes, x.lengthBytes, { noHole: false, fastOnly: false, fua: false }, d))));
+    const bad = results.findIndex((r) => r < 0);
+    if (bad >= 0) {
+      this.allocator.free(extents);
+      throw new AdminError('EIO', `clearing new extents on disk ${extents[bad]!.disk} failed (${results[bad]})`);
+    }
+  }
+
   /** Two journal regions of `bytes` each (rounded up to allocation extents), contiguous on one disk. */
   private allocateJournal(bytes: number, disks?: string[]): JournalRegion[] {
     const E = this.root.extentBytes;
@@ -472,7 +514,7 @@ export class Engine implements EngineAdmin, CpApi {
         await this.clearJournalRegion(j.regions[next]!);
         j.active = next;
         j.sequenceBase = v.journal!.sequence;
-        await writeVolumeHeader(this.store, v);
+        await this.persistHeader(v);
         v.journal!.swap(j.regions[next]!, this.disks.get(j.regions[next]!.disk)!);
         this.log.info({ volume: v.header.name, region: next, sequenceBase: j.sequenceBase, swaps: v.journal!.swaps }, 'write journal swapped');
       } finally {
@@ -544,14 +586,15 @@ export class Engine implements EngineAdmin, CpApi {
     let end = start + r.vseg.rmap.lengthOf(r.extentIndex);
     let faultOnWrite = r.entry.faultOnWrite;
     const mirrored = r.entry.storage.kind === 'mirrored' || r.entry.storage.kind === 'striped-mirrored';
-    if (mirrored && v.header.stale.length > 0) {
-      // Degraded: map one allocation extent at a time, fault-on-write until its age is recorded.
+    if (mirrored) {
+      // Mirrors are mapped one allocation extent at a time: a write faults once until the
+      // extent is in the activity log (and, degraded, until its age is recorded).
       const E = this.root.extentBytes;
       const e = Math.floor(offsetBytes / E);
       if (v.copying.has(e)) return { kind: 'QUEUE' };
       start = Math.max(start, e * E);
       end = Math.min(end, (e + 1) * E);
-      faultOnWrite ||= this.needsAge(v, e);
+      faultOnWrite ||= !v.activeSet.has(e) || v.activePending.has(e) || v.closing.has(e) || this.needsAge(v, e);
     }
     const m: FpMapping = {
       startBytes: start,
@@ -604,7 +647,7 @@ export class Engine implements EngineAdmin, CpApi {
         if (!mirrored) return EIO;
         if (io.op === UpstreamOp.WRITE) {
           // The write reached every other side: record its extents as written in this generation.
-          await this.recordAge(v, io.offsetBytes, io.lengthBytes);
+          await this.markWrite(v, io.offsetBytes, io.lengthBytes);
           const remaining = (io as unknown as { firstError: number });
           return remaining.firstError !== 0 && failed.failedPlacements.length >= places.length ? remaining.firstError : 0;
         }
@@ -619,7 +662,7 @@ export class Engine implements EngineAdmin, CpApi {
     const end = io.offsetBytes + io.lengthBytes;
     if (io.op === UpstreamOp.WRITE || io.op === UpstreamOp.ZERO || io.op === UpstreamOp.TRIM) {
       await this.waitForCopies(v, io.offsetBytes, io.lengthBytes);
-      if (v.header.stale.length > 0) await this.recordAge(v, io.offsetBytes, io.lengthBytes);
+      await this.markWrite(v, io.offsetBytes, io.lengthBytes);
     }
     let pos = io.offsetBytes;
     const jobs: Promise<number>[] = [];
@@ -666,26 +709,185 @@ export class Engine implements EngineAdmin, CpApi {
       else if (targets.length > 1) await this.diskFailed(targets[i]!.disk, 'failed', 'write error');
     }
     if (ok === 0) return results[0]! < 0 ? results[0]! : EIO;
-    if (ok < targets.length) await this.recordAge(v, io.offsetBytes, io.lengthBytes);
+    if (ok < targets.length) await this.markWrite(v, io.offsetBytes, io.lengthBytes);
     return 0;
   }
 
-  /** Record the current generation for every allocation extent of the range (durably) and let the FP write there again. */
-  private async recordAge(v: Volume, offsetBytes: number, lengthBytes: number): Promise<void> {
+  /**
+   * Before the CP writes (or lets the FP write) to a mirrored range: every allocation
+   * extent it touches is durably in the activity log, and, while degraded, has the
+   * current generation in the age list. Then the FP's cached mappings of the range are
+   * dropped, so the next miss maps it without fault-on-write.
+   */
+  private async markWrite(v: Volume, offsetBytes: number, lengthBytes: number): Promise<void> {
     const E = this.root.extentBytes;
     const first = Math.floor(offsetBytes / E);
     const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E);
-    let changed = false;
+    const mirrored = isMirrored(v.header.layout);
+    const waits: Promise<void>[] = [];
+    const added: number[] = [];
+    let persist = false;
+    let remap = false;
     for (let e = first; e <= last; e++) {
-      if ((v.age.get(e) ?? 0) < this.root.generation) {
+      if (mirrored) {
+        const pending = v.activePending.get(e);
+        if (pending) waits.push(pending);
+        else if (!v.activeSet.has(e)) {
+          v.activeSet.add(e);
+          added.push(e);
+          persist = true;
+        }
+        if (v.closing.delete(e)) remap = true;
+        v.activeEpoch.set(e, (v.activeEpoch.get(e) ?? 0) + 1);
+      }
+      if (this.needsAge(v, e)) {
         v.age.set(e, this.root.generation);
-        changed = true;
+        persist = true;
       }
     }
-    if (!changed) return;
-    await writeVolumeHeader(this.store, v);
-    // Fault-on-write cleared for these extents: drop the cached mappings so the next miss maps them plainly.
-    v.fp.removeMapping(first * E, (last - first + 1) * E);
+    if (persist) {
+      const p = this.persistHeader(v);
+      for (const e of added) v.activePending.set(e, p);
+      try {
+        await p;
+      } finally {
+        for (const e of added) if (v.activePending.get(e) === p) v.activePending.delete(e);
+      }
+    }
+    await Promise.all(waits);
+    if (persist || remap) v.fp.removeMapping(first * E, (last - first + 1) * E);
+  }
+
+  private startTimers(): void {
+    const every = (ms: number, f: () => Promise<void>): void => {
+      let busy = false;
+      const t = setInterval(() => {
+        if (busy) return;
+        busy = true;
+        f().catch((err: Error) => this.log.error({ err: err.message }, 'background task failed')).finally(() => (busy = false));
+      }, ms);
+      t.unref();
+      this.timers.push(t);
+    };
+    every(ACTIVITY_SWEEP_MS, async () => {
+      for (const v of [...this.volumes.values()]) await this.sweepActivity(v);
+    });
+    every(HEALTH_FLUSH_MS, () => this.healthFlush());
+  }
+
+  /**
+   * Make written disks durable every few seconds. A buffered write's I/O error may only
+   * show at write-back: the flush finds it, fails the disk, and its mirror sides get a
+   * full resync (what was lost since the last good flush is not known more precisely).
+   */
+  private async healthFlush(): Promise<void> {
+    for (const d of this.disks.values()) {
+      if (d.state !== 'online' || !d.dirty) continue;
+      d.dirty = false;
+      const r = await diskIo((done) => d.flush(done));
+      if (r < 0) await this.diskFailed(d.id, 'failed', `flush failed (${r}): write-back error`, true);
+    }
+  }
+
+  /**
+   * Retire idle extents from a mirrored volume's activity log: mark them closing (new
+   * writes fault and keep them), revoke the FP's mappings and drain, make the disks
+   * durable, then drop the extents no write touched meanwhile.
+   */
+  private async sweepActivity(v: Volume): Promise<void> {
+    if (v.activeSet.size === 0 || v.sweeping || this.volumes.get(v.header.name) !== v) return;
+    v.sweeping = true;
+    try {
+      const epochs = new Map([...v.activeSet].map((e) => [e, v.activeEpoch.get(e) ?? 0]));
+      for (const e of epochs.keys()) v.closing.add(e);
+      const revokedAt = v.fp.removeAllMappings();
+      await v.fp.drain(revokedAt);
+      for (const id of this.volumeDisks(v)) {
+        const d = this.disks.get(id)!;
+        if (d.state !== 'online') continue;
+        const r = await diskIo((done) => d.flush(done));
+        if (r < 0) {
+          await this.diskFailed(id, 'failed', `flush failed (${r}): write-back error`, true);
+          return; // keep the log as it is: the extents stay active
+        }
+      }
+      await this.exclusive(async () => {
+        let changed = false;
+        for (const [e, epoch] of epochs) {
+          if (v.closing.has(e) && (v.activeEpoch.get(e) ?? 0) === epoch && !v.activePending.has(e)) {
+            v.activeSet.delete(e);
+            v.closing.delete(e);
+            v.activeEpoch.delete(e);
+            changed = true;
+          }
+        }
+        if (changed) await this.persistHeader(v);
+      });
+    } finally {
+      v.sweeping = false;
+    }
+  }
+
+  /**
+   * After a crash: the extents in a mirrored volume's activity log may have had writes
+   * in flight that reached some sides only. Copy them from the first live side to the
+   * other live sides (the dirty-region resync of RAID and DRBD), then clear the log.
+   */
+  private async reconcile(v: Volume): Promise<void> {
+    if (!isMirrored(v.header.layout) || v.activeSet.size === 0) return;
+    const E = this.root.extentBytes;
+    const started = Date.now();
+    let copied = 0;
+    const extents = [...v.activeSet].sort((a, b) => a - b);
+    for (const e of extents) copied += await this.copyRange(v, e * E, Math.min(E, v.header.sizeBytes - e * E), null);
+    v.activeSet.clear();
+    await this.persistHeader(v);
+    this.log.info({ volume: v.header.name, extents: extents.length, copiedBytes: copied, ms: Date.now() - started }, 'mirror reconciled after restart');
+  }
+
+  /**
+   * Copy a range of a mirrored volume from its first live side to `toDisk`'s side, or
+   * (toDisk null) to every other live side. Returns the bytes written.
+   */
+  private async copyRange(v: Volume, startBytes: number, lengthBytes: number, toDisk: string | null): Promise<number> {
+    const buf = Buffer.allocUnsafe(COPY_CHUNK_BYTES);
+    let written = 0;
+    const touched = new Set<string>();
+    const end = startBytes + lengthBytes;
+    for (let pos = startBytes; pos < end;) {
+      const r = v.map.resolve(pos);
+      if (!r) break;
+      const n = Math.min(end - pos, r.extentRemainingBytes, COPY_CHUNK_BYTES);
+      for (const piece of mapRange(r.entry.storage, r.relativeBytes, n)) {
+        const src = piece.targets.findIndex((t) => this.sideState(v, t.disk) === 'live');
+        const dsts = piece.targets
+          .map((t, i) => ({ t, i }))
+          .filter(({ t, i }) => i !== src && (toDisk === null ? this.sideState(v, t.disk) === 'live' : t.disk === toDisk));
+        if (dsts.length === 0) continue;
+        if (src < 0) throw new Error(`no live side to copy from for volume ${v.header.name}`);
+        const slice = buf.subarray(0, piece.lengthBytes);
+        const rr = await diskIo((d) => this.disks.get(piece.targets[src]!.disk)!.read(slice, piece.physicalOffsets[src]!, d));
+        if (rr < 0) throw new Error(`copy: reading disk ${piece.targets[src]!.disk} failed (${rr})`);
+        for (const { t, i } of dsts) {
+          const wr = await diskIo((d) => this.disks.get(t.disk)!.write(slice, piece.physicalOffsets[i]!, false, d));
+          if (wr < 0) throw new Error(`copy: writing disk ${t.disk} failed (${wr})`);
+          written += piece.lengthBytes;
+          touched.add(t.disk);
+        }
+      }
+      pos += n;
+    }
+    for (const id of touched) {
+      const r = await diskIo((d) => this.disks.get(id)!.flush(d));
+      if (r < 0) throw new Error(`copy: flushing disk ${id} failed (${r})`);
+    }
+    return written;
+  }
+
+  /** Write a volume's header chunk with the activity log as it is in memory. */
+  private persistHeader(v: Volume): Promise<void> {
+    v.header.active = [...v.activeSet].sort((a, b) => a - b);
+    return writeVolumeHeader(this.store, v);
   }
 
   private async waitForCopies(v: Volume, offsetBytes: number, lengthBytes: number): Promise<void> {
@@ -701,9 +903,14 @@ export class Engine implements EngineAdmin, CpApi {
    * A disk stops taking I/O. The state flips and every FP mapping that could reach the
    * disk is revoked at once, before anything can yield; the metadata follows.
    */
-  private async diskFailed(id: string, state: 'failed' | 'offline', reason: string): Promise<void> {
+  private async diskFailed(id: string, state: 'failed' | 'offline', reason: string, full = false): Promise<void> {
     const disk = this.disks.get(id);
-    if (!disk || disk.state !== 'online') return;
+    if (!disk) return;
+    if (disk.state !== 'online') {
+      // Already out; a flush failure still widens what the resync must copy.
+      if (full) await this.markStaleFull(id);
+      return;
+    }
     disk.state = state;
     this.root.generation++;
     const generation = this.root.generation;
@@ -713,15 +920,55 @@ export class Engine implements EngineAdmin, CpApi {
       v.fp.removeAllMappings();
       v.resyncing.delete(id);
       if ((v.header.layout === 'mirrored' || v.header.layout === 'striped-mirrored') && !v.header.stale.some((s) => s.disk === id)) {
-        v.header.stale.push({ disk: id, sinceGeneration: generation });
+        v.header.stale.push({ disk: id, sinceGeneration: generation, full });
         touched.push(v);
       }
     }
     this.log.warn({ disk: id, state, reason, generation, volumes: touched.map((v) => v.header.name) }, state === 'failed' ? 'disk failed, mirror degraded' : 'disk offline, mirror degraded');
     await this.exclusive(async () => {
-      for (const v of touched) await writeVolumeHeader(this.store, v);
+      for (const v of touched) await this.persistHeader(v);
       await this.commitRoot();
     });
+  }
+
+  /** Writes to `id` since its last flush may be lost: its stale sides need a full resync. */
+  private async markStaleFull(id: string): Promise<void> {
+    await this.exclusive(async () => {
+      for (const v of this.volumes.values()) {
+        const s = v.header.stale.find((x) => x.disk === id);
+        if (s && !s.full) {
+          s.full = true;
+          await this.persistHeader(v);
+        }
+      }
+    });
+  }
+
+  /** CP API: a FLUSH found disks that cannot make writes durable. */
+  flushFailed(volume: string, disks: string[], done: (result: number) => void): void {
+    (async () => {
+      for (const d of disks) await this.diskFailed(d, 'failed', 'flush failed (write-back error)', true);
+      const v = this.volumes.get(volume);
+      if (!v) return EIO;
+      const used = this.volumeDisks(v);
+      if (!disks.some((d) => used.includes(d))) return 0;
+      return isMirrored(v.header.layout) && this.hasLiveCopy(v) ? 0 : EIO;
+    })().then(done, (err: Error) => {
+      this.log.error({ volume, err: err.message }, 'handling a flush failure failed');
+      done(EIO);
+    });
+  }
+
+  /** Every stripe column of every extent still has a live side. */
+  private hasLiveCopy(v: Volume): boolean {
+    for (const vs of v.map.vsegs) {
+      for (const [, e] of vs.redirects.entries()) {
+        const st = e.storage;
+        const columns = st.kind === 'mirrored' ? [st.sides] : st.kind === 'striped-mirrored' ? st.columns : [placementsOf(st)];
+        if (!columns.every((sides) => sides.some((p) => this.sideState(v, p.disk) === 'live'))) return false;
+      }
+    }
+    return true;
   }
 
   listDisks(): DiskInfo[] {
@@ -788,8 +1035,11 @@ export class Engine implements EngineAdmin, CpApi {
     const started = Date.now();
     const plan: { v: Volume; extents: number[]; since: number }[] = [];
     for (const v of vols) {
-      const since = v.header.stale.find((s) => s.disk === disk)!.sinceGeneration;
-      const extents = [...v.age.entries()].filter(([, g]) => g >= since).map(([e]) => e).sort((a, b) => a - b);
+      const stale = v.header.stale.find((s) => s.disk === disk)!;
+      const since = stale.sinceGeneration;
+      const extents = stale.full
+        ? Array.from({ length: Math.ceil(v.header.sizeBytes / E) }, (_, i) => i)
+        : [...v.age.entries()].filter(([, g]) => g >= since).map(([e]) => e).sort((a, b) => a - b);
       plan.push({ v, extents, since });
       // The side takes writes from now on, but no reads until it has caught up.
       v.resyncing.add(disk);
@@ -814,7 +1064,7 @@ export class Engine implements EngineAdmin, CpApi {
         v.header.stale = v.header.stale.filter((s) => s.disk !== disk);
         v.resyncing.delete(disk);
         if (v.header.stale.length === 0) v.age.clear();
-        await writeVolumeHeader(this.store, v);
+        await this.persistHeader(v);
         v.fp.removeAllMappings(); // unrestrictive: the side becomes readable
       }
     });
@@ -832,26 +1082,7 @@ export class Engine implements EngineAdmin, CpApi {
     try {
       const revokedAt = v.fp.removeMapping(e * E, E);
       await v.fp.drain(revokedAt, e * E, E);
-      const end = Math.min((e + 1) * E, v.header.sizeBytes);
-      const buf = Buffer.allocUnsafe(COPY_CHUNK_BYTES);
-      for (let pos = e * E; pos < end;) {
-        const r = v.map.resolve(pos);
-        if (!r) break;
-        const n = Math.min(end - pos, r.extentRemainingBytes, COPY_CHUNK_BYTES);
-        for (const piece of mapRange(r.entry.storage, r.relativeBytes, n)) {
-          const src = piece.targets.findIndex((t) => this.sideState(v, t.disk) === 'live');
-          const dst = piece.targets.findIndex((t) => t.disk === disk);
-          if (dst < 0) continue;
-          if (src < 0) throw new Error(`no live side to copy from for volume ${v.header.name}`);
-          const slice = buf.subarray(0, piece.lengthBytes);
-          const rr = await diskIo((d) => this.disks.get(piece.targets[src]!.disk)!.read(slice, piece.physicalOffsets[src]!, d));
-          if (rr < 0) throw new Error(`resync read failed (${rr})`);
-          const wr = await diskIo((d) => this.disks.get(disk)!.write(slice, piece.physicalOffsets[dst]!, false, d));
-          if (wr < 0) throw new Error(`resync write failed (${wr})`);
-        }
-        pos += n;
-      }
-      await diskIo((d) => this.disks.get(disk)!.flush(d));
+      await this.copyRange(v, e * E, Math.min(E, v.header.sizeBytes - e * E), disk);
     } finally {
       v.copying.delete(e);
       release();

@@ -46,7 +46,14 @@ export interface VolumeHeader {
   vsegs: { startBytes: number; lengthBytes: number; redirects: RedirectTableJSON }[];
   rmapChunks: number[];
   /** Disks whose mirror sides missed writes since `sinceGeneration`; `resyncing` once catching up. */
-  stale: { disk: string; sinceGeneration: number }[];
+  stale: { disk: string; sinceGeneration: number; full?: boolean }[];
+  /**
+   * Activity log (like DRBD's): allocation extents of a mirrored volume that may have
+   * writes in flight. A write to an extent not in it faults once and the CP adds the
+   * extent durably before the write; an idle sweep removes extents after a flush. After
+   * a crash, exactly these extents are reconciled from one side to the others.
+   */
+  active: number[];
   /** Age list: allocation-extent index (of volume space) → generation of the first write after a degradation. */
   age: [number, number][];
   /** The write journal: two regions, the active one, and the sequence number its first record has. */
@@ -87,6 +94,7 @@ export async function readVolume(store: ChunkStore, headerChunk: number): Promis
   const map = new VolumeMap(h.vsegs.map((v, i) => new Vseg(v.startBytes, v.lengthBytes, rmaps[i], RedirectTable.fromJSON(v.redirects))));
   map.checkInvariants();
   const { vsegs: _v, rmapChunks, age, ...header } = h;
+  header.active ??= [];
   return { header, map, headerChunk, rmapChunks, age: new Map(age) };
 }
 

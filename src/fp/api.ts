@@ -89,6 +89,8 @@ export interface CpApi {
   mappingMiss(volume: string, offsetBytes: number, lengthBytes: number): MissAnswer;
   /** CpQueueIO: the CP takes over this upstream I/O and completes it. */
   queueIo(volume: string, io: UpstreamIo, why: FaultClass): void;
+  /** A FLUSH found disks whose fdatasync failed: the CP fails them and answers the flush (0 or -errno). */
+  flushFailed(volume: string, disks: string[], done: (result: number) => void): void;
 }
 
 /** A pending I/O as FPQueryPendingIOs reports it. */

@@ -111,12 +111,16 @@ export class FastPath implements Backend, FpApi {
   /** Flush every disk: a FLUSH covers writes completed through any connection. */
   flush(done: IoDone): void {
     let left = this.disks.size;
-    let err = 0;
+    let failed: string[] | null = null;
     if (left === 0) return done(0);
-    for (const d of this.disks.values()) {
+    for (const [id, d] of this.disks) {
       d.flush((r) => {
-        if (r < 0 && err === 0) err = r;
-        if (--left === 0) done(err);
+        if (r < 0) (failed ??= []).push(id);
+        if (--left > 0) return;
+        // A disk that cannot make its writes durable is the CP's problem (a mirror
+        // degrades and the host sees success; a lone copy answers EIO).
+        if (failed === null) done(0);
+        else this.cp.flushFailed(this.volume, failed, done);
       });
     }
   }

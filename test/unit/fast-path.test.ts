@@ -26,6 +26,11 @@ class ScriptedCp implements CpApi {
   queueIo(_v: string, io: UpstreamIo, why: FaultClass): void {
     this.queued.push({ io, why });
   }
+  flushFailures: string[][] = [];
+  flushFailed(_v: string, disks: string[], done: (r: number) => void): void {
+    this.flushFailures.push(disks);
+    done(0);
+  }
 }
 
 function setup(n = 3): { fp: FastPath; cp: ScriptedCp; disks: Map<string, MemoryBackend>; faulty: Map<string, FaultInjectingBackend> } {
