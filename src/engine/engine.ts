@@ -777,8 +777,8 @@ export class Engine implements EngineAdmin, CpApi {
 
   /**
    * Make written disks durable every few seconds. A buffered write's I/O error may only
-   * show at write-back: the flush finds it, fails the disk, and its mirror sides get a
-   * full resync (what was lost since the last good flush is not known more precisely).
+   * show at write-back: the flush finds it and fails the disk; the writes it may have
+   * lost are all in extents of the activity log, which the resync then copies.
    */
   private async healthFlush(): Promise<void> {
     for (const d of this.disks.values()) {
@@ -908,7 +908,7 @@ export class Engine implements EngineAdmin, CpApi {
     if (!disk) return;
     if (disk.state !== 'online') {
       // Already out; a flush failure still widens what the resync must copy.
-      if (full) await this.markStaleFull(id);
+      if (full) await this.ageActiveExtents(id);
       return;
     }
     disk.state = state;
@@ -920,7 +920,11 @@ export class Engine implements EngineAdmin, CpApi {
       v.fp.removeAllMappings();
       v.resyncing.delete(id);
       if ((v.header.layout === 'mirrored' || v.header.layout === 'striped-mirrored') && !v.header.stale.some((s) => s.disk === id)) {
-        v.header.stale.push({ disk: id, sinceGeneration: generation, full });
+        v.header.stale.push({ disk: id, sinceGeneration: generation });
+        // A flush failure: writes since the disk's last good flush may be lost, and they
+        // all went to extents still in the activity log (an extent leaves it only after
+        // a successful flush): those are the ones to resync.
+        if (full) for (const e of v.activeSet) v.age.set(e, generation);
         touched.push(v);
       }
     }
@@ -931,15 +935,20 @@ export class Engine implements EngineAdmin, CpApi {
     });
   }
 
-  /** Writes to `id` since its last flush may be lost: its stale sides need a full resync. */
-  private async markStaleFull(id: string): Promise<void> {
+  /** Writes to `id` since its last good flush may be lost: resync its sides of every active extent. */
+  private async ageActiveExtents(id: string): Promise<void> {
     await this.exclusive(async () => {
       for (const v of this.volumes.values()) {
-        const s = v.header.stale.find((x) => x.disk === id);
-        if (s && !s.full) {
-          s.full = true;
-          await this.persistHeader(v);
+        const stale = v.header.stale.find((x) => x.disk === id);
+        if (!stale) continue;
+        let changed = false;
+        for (const e of v.activeSet) {
+          if ((v.age.get(e) ?? 0) < stale.sinceGeneration) {
+            v.age.set(e, stale.sinceGeneration);
+            changed = true;
+          }
         }
+        if (changed) await this.persistHeader(v);
       }
     });
   }
@@ -1002,6 +1011,11 @@ export class Engine implements EngineAdmin, CpApi {
     const d = this.disks.get(id);
     if (!d) throw new AdminError('ENOENT', `no disk named ${id}`);
     if (d.state !== 'online') {
+      // A write-back error from before it failed is reported by the next fdatasync once:
+      // take that one, then the disk must flush cleanly to come back.
+      await diskIo((done) => d.file.flush(done));
+      const r = await diskIo((done) => d.file.flush(done));
+      if (r < 0) throw new AdminError('EIO', `disk ${id} still fails to flush (${r}); it stays ${d.state}`);
       d.state = 'online';
       await this.exclusive(() => this.commitRoot());
       this.log.info({ disk: id }, 'disk online');
@@ -1037,9 +1051,7 @@ export class Engine implements EngineAdmin, CpApi {
     for (const v of vols) {
       const stale = v.header.stale.find((s) => s.disk === disk)!;
       const since = stale.sinceGeneration;
-      const extents = stale.full
-        ? Array.from({ length: Math.ceil(v.header.sizeBytes / E) }, (_, i) => i)
-        : [...v.age.entries()].filter(([, g]) => g >= since).map(([e]) => e).sort((a, b) => a - b);
+      const extents = [...v.age.entries()].filter(([, g]) => g >= since).map(([e]) => e).sort((a, b) => a - b);
       plan.push({ v, extents, since });
       // The side takes writes from now on, but no reads until it has caught up.
       v.resyncing.add(disk);

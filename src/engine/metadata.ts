@@ -46,7 +46,7 @@ export interface VolumeHeader {
   vsegs: { startBytes: number; lengthBytes: number; redirects: RedirectTableJSON }[];
   rmapChunks: number[];
   /** Disks whose mirror sides missed writes since `sinceGeneration`; `resyncing` once catching up. */
-  stale: { disk: string; sinceGeneration: number; full?: boolean }[];
+  stale: { disk: string; sinceGeneration: number }[];
   /**
    * Activity log (like DRBD's): allocation extents of a mirrored volume that may have
    * writes in flight. A write to an extent not in it faults once and the CP adds the
