@@ -31,6 +31,7 @@ import {
 } from './reply.js';
 import type { ExportRegistry, NbdExport } from './export.js';
 import type { Extent } from '../src/storage/backend.js';
+import { BufferPool, ioBuffers } from './buffer-pool.js';
 
 export const MAX_INFLIGHT = 256;
 export const WRITE_HIGH_WATER_BYTES = 64 * 1024 * 1024;
@@ -48,6 +49,8 @@ class InflightRequest {
   length = 0;
   /** READ: header + data in one buffer. */
   reply: Buffer | null = null;
+  /** WRITE: a pooled payload to release when the write is done. */
+  payload: Buffer | null = null;
   readonly onDone = (result: number): void => this.conn.complete(this, result);
   readonly onExtents = (result: number, extents: Extent[]): void => this.conn.completeBlockStatus(this, result, extents);
   constructor(private readonly conn: Connection) {}
@@ -158,7 +161,7 @@ export class Connection implements RequestSink {
     };
     this.log.info({ export: exp.name, structuredReplies: o.structuredReplies, baseAllocation: o.baseAllocation }, 'transmission started');
     this.phase = Phase.TRANSMISSION;
-    this.parser = new RequestParser(this, exp.maxBlockBytes);
+    this.parser = new RequestParser(this, exp.maxBlockBytes, (n) => ioBuffers.acquire(n));
     if (o.rest.length > 0) this.parser.push(o.rest);
   }
 
@@ -168,8 +171,11 @@ export class Connection implements RequestSink {
     this.drainThenClose();
   }
 
-  onRequest(flags: number, type: number, cookieHi: number, cookieLo: number, offset: number, length: number, payload: Buffer | null, oversize: boolean): void {
-    if (this.phase !== Phase.TRANSMISSION) return;
+  onRequest(flags: number, type: number, cookieHi: number, cookieLo: number, offset: number, length: number, payload: Buffer | null, oversize: boolean, payloadAllocated: boolean): void {
+    if (this.phase !== Phase.TRANSMISSION) {
+      if (payloadAllocated) ioBuffers.release(payload!);
+      return;
+    }
     const exp = this.exp!;
     exp.stats.requests++;
     if (this.trace) this.log.trace({ cmd: commandName(type), flags, offset, length }, 'request');
@@ -178,6 +184,7 @@ export class Connection implements RequestSink {
       exp.stats.errors++;
       this.log.debug({ cmd: commandName(type), offset, length, error: nbdErrorName(rejection.error), reason: rejection.reason }, 'request rejected');
       this.sendError(type, cookieHi, cookieLo, rejection.error, rejection.reason);
+      if (payloadAllocated) ioBuffers.release(payload!);
       return;
     }
     if (type === NBD_CMD_DISC) {
@@ -192,6 +199,7 @@ export class Connection implements RequestSink {
     r.cookieLo = cookieLo;
     r.offset = offset;
     r.length = length;
+    r.payload = payloadAllocated ? payload : null;
     this.inflight++;
     if (this.inflight >= MAX_INFLIGHT) this.pause();
     const backend = exp.backend;
@@ -199,7 +207,7 @@ export class Connection implements RequestSink {
     switch (type) {
       case NBD_CMD_READ: {
         const prefix = this.limits!.structuredReplies ? OFFSET_DATA_PREFIX_BYTES : NBD_SIMPLE_REPLY_HEADER_BYTES;
-        const reply = Buffer.allocUnsafe(prefix + length);
+        const reply = ioBuffers.acquire(prefix + length);
         r.reply = reply;
         backend.read(reply.subarray(prefix), offset, r.onDone);
         return;
@@ -243,6 +251,7 @@ export class Connection implements RequestSink {
       // A backend error is the server's problem, not the client's: always logged.
       this.log.error({ cmd: commandName(r.type), offset: r.offset, length: r.length, result, error: nbdErrorName(error) }, 'I/O error');
       this.sendError(r.type, r.cookieHi, r.cookieLo, error, `${commandName(r.type)} failed: ${nbdErrorName(error)}`);
+      if (r.reply !== null) ioBuffers.release(r.reply);
     } else if (r.type === NBD_CMD_READ) {
       exp.stats.readBytes += r.length;
       const reply = r.reply!;
@@ -284,6 +293,10 @@ export class Connection implements RequestSink {
 
   private release(r: InflightRequest): void {
     r.reply = null;
+    if (r.payload !== null) {
+      ioBuffers.release(r.payload);
+      r.payload = null;
+    }
     this.pool.push(r);
     this.inflight--;
     if (this.paused) this.maybeResume();
@@ -312,21 +325,27 @@ export class Connection implements RequestSink {
     const n = out.length;
     if (n === 0) return; // already flushed by finishDrain
     if (s.destroyed || !s.writable) {
+      for (const b of out) if (BufferPool.pooled(b.length)) ioBuffers.release(b);
       out.length = 0;
       return;
     }
     let ok: boolean;
     if (n === 1) {
-      ok = s.write(out[0]!);
+      ok = this.write(s, out[0]!);
     } else {
       s.cork();
-      for (let i = 0; i < n - 1; i++) s.write(out[i]!);
-      ok = s.write(out[n - 1]!);
+      for (let i = 0; i < n - 1; i++) this.write(s, out[i]!);
+      ok = this.write(s, out[n - 1]!);
       s.uncork();
     }
     out.length = 0;
     if (!ok) this.pause();
   };
+
+  /** A pooled reply goes back to the pool once the socket is done with it (written or failed). */
+  private write(s: net.Socket, b: Buffer): boolean {
+    return BufferPool.pooled(b.length) ? s.write(b, () => ioBuffers.release(b)) : s.write(b);
+  }
 
   private pause(): void {
     if (!this.paused) {

@@ -23,6 +23,8 @@ export interface RequestSink {
   onRequest(
     flags: number, type: number, cookieHi: number, cookieLo: number,
     offset: number, length: number, payload: Buffer | null, oversize: boolean,
+    /** The payload came from `allocatePayload` (so it is the sink's to release), not a view of received bytes. */
+    payloadAllocated: boolean,
   ): void;
   onFramingError(reason: string): void;
 }
@@ -44,7 +46,12 @@ export class RequestParser {
   private payloadFill = 0;
   private skipLeft = 0;
 
-  constructor(private readonly sink: RequestSink, private readonly maxPayloadBytes: number) {}
+  constructor(
+    private readonly sink: RequestSink,
+    private readonly maxPayloadBytes: number,
+    /** Where payloads that straddle reads are assembled (a pool, in the server). */
+    private readonly allocatePayload: (n: number) => Buffer = Buffer.allocUnsafe,
+  ) {}
 
   /** True between requests (no partial header or payload held). */
   get idle(): boolean {
@@ -84,9 +91,9 @@ export class RequestParser {
             const view = chunk.subarray(pos, pos + need);
             pos += need;
             this.state = State.HEADER;
-            this.emit(view, false);
+            this.emit(view, false, false);
           } else {
-            if (this.payload === null) this.payload = Buffer.allocUnsafe(this.length);
+            if (this.payload === null) this.payload = this.allocatePayload(this.length);
             const n = Math.min(need, end - pos);
             chunk.copy(this.payload, this.payloadFill, pos, pos + n);
             this.payloadFill += n;
@@ -96,7 +103,7 @@ export class RequestParser {
               this.payload = null;
               this.payloadFill = 0;
               this.state = State.HEADER;
-              this.emit(full, false);
+              this.emit(full, false, true);
             }
           }
           break;
@@ -107,7 +114,7 @@ export class RequestParser {
           pos += n;
           if (this.skipLeft === 0) {
             this.state = State.HEADER;
-            this.emit(null, true);
+            this.emit(null, true, false);
           }
           break;
         }
@@ -131,7 +138,7 @@ export class RequestParser {
     this.offset = offHi >= 0x200000 ? OFFSET_UNREPRESENTABLE : offHi * 0x100000000 + offLo;
     this.length = b.readUInt32BE(at + 24);
     if (this.type !== NBD_CMD_WRITE || this.length === 0) {
-      this.emit(null, false);
+      this.emit(null, false, false);
     } else if (this.length > this.maxPayloadBytes) {
       this.skipLeft = this.length;
       this.state = State.SKIP;
@@ -142,7 +149,7 @@ export class RequestParser {
     }
   }
 
-  private emit(payload: Buffer | null, oversize: boolean): void {
-    this.sink.onRequest(this.flags, this.type, this.cookieHi, this.cookieLo, this.offset, this.length, payload, oversize);
+  private emit(payload: Buffer | null, oversize: boolean, allocated: boolean): void {
+    this.sink.onRequest(this.flags, this.type, this.cookieHi, this.cookieLo, this.offset, this.length, payload, oversize, allocated);
   }
 }

@@ -63,9 +63,24 @@ class Pending implements UpstreamIo {
   journalPending = false;
   dataDone = false;
   dataResult = 0;
+  /** The placement of a single downstream I/O (remap / stripe / mirror read). */
+  placement = 0;
+  /** Write-split: the placement of each side written, by call order. */
+  readonly sidePlacements: number[] = [];
+  /**
+   * Completion callbacks bound once per pooled object, not per I/O: a closure that lives
+   * across an asynchronous disk write survives scavenges, and V8 then pretenures every
+   * such closure into old space, which turns into a full collection every few ms.
+   */
+  readonly onIssueDone = (r: number): void => this.fp.issueDone(this, r);
+  readonly onJournalDone = (r: number): void => this.fp.journalDone(this, r);
+  private readonly sideCallbacks: IoDone[] = [];
   constructor(private readonly fp: FastPath) {}
   complete(result: number): void {
     this.fp.finish(this, result);
+  }
+  sideCallback(i: number): IoDone {
+    return (this.sideCallbacks[i] ??= (r: number) => this.fp.sideDone(this, this.sidePlacements[i]!, r));
   }
 }
 
@@ -241,10 +256,11 @@ export class FastPath implements Backend, FpApi {
     p.cached = c;
     p.remaining = sides.length;
     this.stats.hits++;
-    for (const side of sides) {
+    for (let i = 0; i < sides.length; i++) {
       this.pendingDownstream++;
-      const placement = base + side;
-      c.backends[placement]!.write(p.buffer!, c.offsets[placement]! + inSide, p.fua, (r) => this.onSideDone(p, placement, r));
+      const placement = base + sides[i]!;
+      p.sidePlacements[i] = placement;
+      c.backends[placement]!.write(p.buffer!, c.offsets[placement]! + inSide, p.fua, p.sideCallback(i));
     }
   }
 
@@ -257,7 +273,7 @@ export class FastPath implements Backend, FpApi {
     return false;
   }
 
-  private onSideDone(p: Pending, placement: number, r: number): void {
+  sideDone(p: Pending, placement: number, r: number): void {
     this.pendingDownstream--;
     if (r < 0) {
       (p.failedPlacements ??= []).push(placement);
@@ -277,19 +293,21 @@ export class FastPath implements Backend, FpApi {
     this.stats.hits++;
     this.pendingDownstream++;
     p.cached = c;
+    p.placement = placement;
     const disk = c.backends[placement]!;
-    const onDone = (r: number): void => {
-      this.pendingDownstream--;
-      if (r < 0) {
-        p.firstError = r;
-        p.failedPlacements = [placement];
-        p.storage = c.m.storage;
-        return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
-      }
-      this.dataComplete(p, 0);
-    };
-    if (p.op === UpstreamOp.READ) disk.read(p.buffer!, physicalBytes, onDone);
-    else disk.write(p.buffer!, physicalBytes, p.fua, onDone);
+    if (p.op === UpstreamOp.READ) disk.read(p.buffer!, physicalBytes, p.onIssueDone);
+    else disk.write(p.buffer!, physicalBytes, p.fua, p.onIssueDone);
+  }
+
+  issueDone(p: Pending, r: number): void {
+    this.pendingDownstream--;
+    if (r < 0) {
+      p.firstError = r;
+      p.failedPlacements = [p.placement];
+      p.storage = p.cached!.m.storage;
+      return this.fault(p, FaultClass.DOWNSTREAM_ERROR);
+    }
+    this.dataComplete(p, 0);
   }
 
   /** Write-journal: reserve and write this write's record; false when the journal is full. */
@@ -297,13 +315,13 @@ export class FastPath implements Backend, FpApi {
     const j = this.journal;
     if (j === null) return true;
     if (p.lengthBytes > MAX_FP_JOURNAL_RECORD_BYTES) return false; // the CP cuts it into several records
-    const id = p.id; // the Pending may be recycled by the time a late record completes
-    if (!j.tryAppend(p.offsetBytes, p.buffer!, p.fua, (r) => { if (p.id === id && !p.finished) this.journalComplete(p, r); })) return false;
+    if (!j.tryAppend(p.offsetBytes, p.buffer!, p.fua, p.onJournalDone)) return false;
     p.journalPending = true;
     return true;
   }
 
-  private journalComplete(p: Pending, r: number): void {
+  journalDone(p: Pending, r: number): void {
+    if (p.finished) return; // finished on a fault path meanwhile (and kept out of the pool, see finish)
     p.journalPending = false;
     if (r < 0) p.dataResult = p.dataResult < 0 ? p.dataResult : r;
     if (p.dataDone) this.finish(p, p.dataResult);
@@ -331,7 +349,8 @@ export class FastPath implements Backend, FpApi {
     p.done = null;
     p.buffer = null;
     p.cached = null;
-    this.pool.push(p);
+    // A journal record still on its way will call back into this object: do not reuse it.
+    if (!p.journalPending) this.pool.push(p);
     if (this.drainWaiters.length > 0) this.checkDrains();
     done(result);
   }
