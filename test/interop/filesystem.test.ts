@@ -9,6 +9,7 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { ExecutionContext } from 'ava';
 import { describeResult, exitStatus, mountsUnder, mustRun, run, sleep, tempDir } from '../helpers/exec.js';
+import { startNbdfuse } from '../helpers/engine-node.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { startTestServer, logServersOnFailure, crashMessage, HOST, type NbdServer } from '../helpers/server.js';
 import { makeSparseFile, sha256, MiB, KiB } from '../helpers/clients.js';
@@ -27,72 +28,9 @@ function isMounted(dir: string): boolean {
   return mountsUnder(dir).includes(path.resolve(dir));
 }
 
-/** Starts nbdfuse on `fuseDir` (as its own process group, under `timeout -s KILL`) and waits for MOUNTDIR/nbd. */
-async function attachNbdfuse(t: ExecutionContext, cleanup: CleanupStack, srv: NbdServer, fuseDir: string): Promise<{ file: string; unmount(): Promise<void> }> {
-  mkdirSync(fuseDir, { recursive: true });
-  const pidFile = path.join(path.dirname(fuseDir), `${path.basename(fuseDir)}.pid`);
-  const child = spawn('timeout', ['-s', 'KILL', '150', 'nbdfuse', '-P', pidFile, fuseDir, srv.uri], {
-    detached: true,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let output = '';
-  child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
-  child.stderr!.on('data', (c: Buffer) => (output += c.toString()));
-  let status: number | null = null;
-  const exited = new Promise<number>((resolve) => {
-    child.on('exit', (code, signal) => resolve((status = exitStatus(code, signal))));
-    child.on('error', (e) => {
-      output += `[spawn error] ${e.message}`;
-      resolve((status = 127));
-    });
-  });
-  const file = path.join(fuseDir, 'nbd');
-
-  const forceStop = async () => {
-    if (isMounted(fuseDir)) {
-      const u = await run('fusermount3', ['-u', fuseDir], { timeoutSec: 20 });
-      if (u.code !== 0 || isMounted(fuseDir)) await run('umount', ['-l', fuseDir], { timeoutSec: 20 });
-    }
-    if (status === null) {
-      await Promise.race([exited, sleep(5000)]);
-      if (status === null) process.kill(-child.pid!, 'SIGKILL'); // our own process group: timeout + nbdfuse
-      await exited;
-    }
-  };
-  const dismiss = cleanup.push(`nbdfuse ${fuseDir}`, forceStop);
-
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    if (status !== null) throw new Error(`nbdfuse exited with status ${status} before it was ready:\n${output}`);
-    if (existsSync(pidFile) && isMounted(fuseDir)) {
-      try {
-        if (statSync(file).size === EXPORT_SIZE) break;
-      } catch {
-        /* not there yet */
-      }
-    }
-    if (Date.now() > deadline) throw new Error(`nbdfuse did not expose ${file} (${EXPORT_SIZE} bytes) within 20 s:\n${output}`);
-    await sleep(50);
-  }
-
-  return {
-    file,
-    async unmount() {
-      // The loop device may let go of the file a moment after losetup -d; retry EBUSY briefly.
-      let last = '';
-      for (let i = 0; i < 20 && isMounted(fuseDir); i++) {
-        const u = await run('fusermount3', ['-u', fuseDir], { timeoutSec: 20 });
-        if (u.code === 0) break;
-        last = describeResult(u);
-        await sleep(250);
-      }
-      if (isMounted(fuseDir)) throw new Error(`fusermount3 -u ${fuseDir} kept failing:\n${last}`);
-      const code = await Promise.race([exited, sleep(10_000).then(() => -1)]);
-      if (code === -1) throw new Error(`nbdfuse did not exit within 10 s of being unmounted:\n${output}`);
-      dismiss();
-      t.is(code, 0, `nbdfuse exit status after unmount\n${output}`);
-    },
-  };
+/** nbdfuse on `fuseDir`: the shared helper (test/helpers/engine-node.ts) with this export's size. */
+function attachNbdfuse(_t: ExecutionContext, cleanup: CleanupStack, srv: NbdServer, fuseDir: string): Promise<{ file: string; unmount(): Promise<void> }> {
+  return startNbdfuse(cleanup, srv.uri, fuseDir, EXPORT_SIZE);
 }
 
 async function attachLoop(cleanup: CleanupStack, file: string): Promise<BlockDevice> {
