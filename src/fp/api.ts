@@ -132,7 +132,7 @@ export interface FpStatistics {
   cachedMappings: number;
 }
 
-/** Microseconds on a monotonic clock: timestamps for pending I/O and revocations. */
+/** Microseconds on a monotonic clock: timestamps for pending I/O and revocations (no BigInt per request). */
 export function nowUs(): number {
-  return Number(process.hrtime.bigint() / 1000n);
+  return Math.floor(performance.now() * 1000);
 }
