@@ -291,6 +291,11 @@ export interface Ready {
   journal: { lock: LockId; owner: NodeId | null }[];
   /** Acquisitions given up by the idle sweep: the CP no longer holds them (it still shares). */
   released: LockId[];
+  /**
+   * Oplocks this node holds (Acquired) that a peer asked to share or acquire and was
+   * nak'ed: a CP that holds locks until asked (mirror-write serialization) releases them.
+   */
+  wanted: LockId[];
 }
 
 export interface OplockOptions {
@@ -370,7 +375,7 @@ function assertThat(condition: boolean, message: string): asserts condition {
 }
 
 function emptyReady(): Ready {
-  return { send: [], granted: [], revoke: [], evict: [], journal: [], released: [] };
+  return { send: [], granted: [], revoke: [], evict: [], journal: [], released: [], wanted: [] };
 }
 
 const ADVERTISED_BY: Readonly<Record<Exclude<OplockMessage['type'], 'ack' | 'nak'>, Advertised>> = {
@@ -462,6 +467,13 @@ export class OplockMachine {
       if (l.attempt !== null || l.retryAtTick !== null || l.honouring.length > 0 || l.revokeOutstanding !== null) return true;
     }
     return false;
+  }
+
+  /** How many oplocks this machine tracks in each state. */
+  countByState(): Record<OplockState, number> {
+    const out = Object.fromEntries(OPLOCK_STATES.map((st) => [st, 0])) as Record<OplockState, number>;
+    for (const l of this.locks.values()) out[l.state]++;
+    return out;
   }
 
   /** Keys (`transitionKey`) of every TRANSITIONS row this machine has taken. */
@@ -611,6 +623,7 @@ export class OplockMachine {
       case 'share':
         // A share ack says whether we hold unflushed updates: the sharer's copy misses them.
         this.answer(l, from, m.type, m.req, ANSWERS[l.state][m.type] === 'nak' ? 'nak' : 'ack', m.type === 'share' && l.dirty);
+        if (m.type === 'share' && l.state === 'Acquired') this.out.wanted.push(l.id);
         return;
       case 'acquire':
         return this.onAcquire(l, from, m);
@@ -663,6 +676,7 @@ export class OplockMachine {
         return;
       case 'nak':
         this.answer(l, from, 'acquire', m.req, 'nak', false);
+        if (l.state === 'Acquired') this.out.wanted.push(l.id);
         return;
       case 'by-priority':
         if (from > this.nodeId) {

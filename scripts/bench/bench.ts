@@ -14,7 +14,7 @@
  * reaped children) over exactly fio's measurement window: from `ramp` seconds after
  * fio reports its connection until fio exits.
  *
- * The engine part runs one node (`dve up --config`, four sparse 2 GiB disk files, 4 MiB
+ * The engine part runs one node (`dve node start --id 1 --config`, four sparse 2 GiB disk files, 4 MiB
  * extents) for the whole run, creates a linear, a 2-way mirrored and a 2-column striped
  * volume of --size through the admin API, copies the backing file into each (nbdcopy)
  * and checks it reads back identically. Each job then runs against `dve serve` on the
@@ -1403,7 +1403,7 @@ function volumeRequests(opts: Options): Record<VolumeKind, VolumeCreateRequest> 
 }
 
 /**
- * Starts `dve up` on a fresh state directory with a configuration that asks for any
+ * Starts one node (`dve node start --id 1`) on a fresh state directory with a configuration that asks for any
  * free ports, waits for its node file (the real ports), and creates the volumes the
  * plan needs. The node runs until the end of the bench.
  */
@@ -1430,7 +1430,7 @@ async function startEngineNode(dir: string, opts: Options, kinds: readonly Volum
     `extentSize: ${ENGINE_EXTENT}`,
     '',
   ].join('\n'));
-  const args = [path.join(REPO_ROOT, 'bin/dve.js'), 'up', '--state-dir', stateDir, '--config', configFile, '--log-level', 'warn'];
+  const args = [path.join(REPO_ROOT, 'bin/dve.js'), 'node', 'start', '--id', '1', '--state-dir', stateDir, '--config', configFile, '--log-level', 'warn'];
   const output = new Tail();
   const child = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   const pid = child.pid;

@@ -65,13 +65,16 @@ export function readNodeFiles(stateDir: string): NodeFileInfo[] {
   return out.sort((a, b) => a.id - b.id);
 }
 
-/** The admin endpoint of the first live node in stateDir. */
-export function findAdminEndpoint(stateDir: string): Endpoint {
+/** The admin endpoint of node `id` (default: the first live node) in stateDir. Any live node answers for the cluster. */
+export function findAdminEndpoint(stateDir: string, id?: number): Endpoint {
   const nodes = readNodeFiles(stateDir);
   if (nodes.length === 0) {
     throw new AdminError('EIO', `no dve node is running in ${path.resolve(stateDir)} (start one with \`dve up\`)`);
   }
-  return nodes[0]!.admin;
+  if (id === undefined) return nodes[0]!.admin;
+  const n = nodes.find((x) => x.id === id);
+  if (!n) throw new AdminError('ENOENT', `node ${id} is not running in ${path.resolve(stateDir)} (running: ${nodes.map((x) => x.id).join(', ')})`);
+  return n.admin;
 }
 
 function asEndpoint(x: unknown): Endpoint | null {

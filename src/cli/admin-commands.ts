@@ -23,6 +23,7 @@ import {
 interface CommonOptions {
   stateDir: string;
   json: boolean;
+  node?: number;
 }
 
 /** How often `disk online --wait` polls the node. */
@@ -71,6 +72,7 @@ const nameArg = (what: string) => (v: string): string => {
 function common(cmd: Command): Command {
   return cmd
     .option('--state-dir <dir>', 'state directory of the node to talk to', process.env.DVE_STATE_DIR ?? './dve-state')
+    .option('--node <id>', 'which running node to ask (default: the lowest id; any node answers for the cluster)', wholeArg('--node', 0))
     .option('--json', 'print the admin API objects as JSON', false);
 }
 
@@ -88,7 +90,7 @@ function out(s: string): void {
  */
 async function withNode(label: string, o: CommonOptions, fn: (client: AdminClient) => Promise<number | void>): Promise<void> {
   try {
-    const client = new AdminClient(findAdminEndpoint(o.stateDir));
+    const client = new AdminClient(findAdminEndpoint(o.stateDir, o.node));
     process.exitCode = (await fn(client)) ?? 0;
   } catch (e) {
     const message = e instanceof Error ? e.message : String(e);
@@ -425,15 +427,31 @@ function verifyText(r: VerifyReport): string {
   )}`;
 }
 
+/** "Sharing 3, Acquired 1": the oplock states a node is in, the empty ones left out. */
+function formatOplocks(o: Record<string, number> | undefined): string {
+  if (!o) return '-';
+  const parts = Object.entries(o).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${n}`);
+  return parts.length > 0 ? parts.join(', ') : 'none';
+}
+
 function statusText(s: NodeStatus): string {
   const sections: string[] = [];
   sections.push('NODES\n' + (s.nodes.length === 0 ? '(none)' : table(
-    ['ID', 'PID', 'STATE', 'NBD', 'ADMIN', 'STARTED'],
-    s.nodes.map((n) => [n.id, n.pid, n.state, formatHostPort(n.nbd), formatHostPort(n.admin), n.startedAt]),
+    ['ID', 'PID', 'STATE', 'NBD', 'ADMIN', { header: 'BOOT', align: 'right' }, 'OPLOCKS', { header: 'JOURNAL', align: 'right' }, 'STARTED'],
+    s.nodes.map((n) => [n.id, n.pid ?? '-', n.state, formatHostPort(n.nbd), formatHostPort(n.admin), n.boot ?? '-', formatOplocks(n.oplocks),
+      n.journalRecords ?? '-', n.startedAt ?? '-']),
   )));
+  if (s.cluster) {
+    const c = s.cluster;
+    const r = c.recovery;
+    sections.push(`CLUSTER\nevictor node ${c.evictor}, ${c.quorum ? 'quorum' : 'NO QUORUM (evictions suspended)'}; ` +
+      `${r.evictions} eviction(s) seen, ${r.reconciledExtents} extent(s) reconciled (${formatSize(r.reconciledBytes)}); ` +
+      `mesh ${c.messages.sent} sent / ${c.messages.received} received / ${c.messages.rejected} rejected` +
+      (c.paused.length > 0 ? `\npaused: ${c.paused.map((p) => `${p.volumes.join(',')} (op ${p.op} since ${p.since})`).join('; ')}` : ''));
+  }
   sections.push('VOLUMES\n' + (s.volumes.length === 0 ? '(none)' : table(
-    ['NAME', { header: 'SIZE', align: 'right' }, 'LAYOUT', 'STATE', { header: 'FP SHARE', align: 'right' }, { header: 'FAULTS', align: 'right' }],
-    s.volumes.map((v) => [v.name, formatSize(v.sizeBytes), v.layout, v.state, formatFraction(v.fp.fpShare), totalFaults(v)]),
+    ['NAME', { header: 'SIZE', align: 'right' }, 'LAYOUT', 'STATE', 'NODES', { header: 'FP SHARE', align: 'right' }, { header: 'FAULTS', align: 'right' }],
+    s.volumes.map((v) => [v.name, formatSize(v.sizeBytes), v.layout, v.state, v.nodes?.join(',') ?? '-', formatFraction(v.fp.fpShare), totalFaults(v)]),
   )));
   sections.push('DISKS\n' + (s.disks.length === 0 ? '(none)' : diskTable(s.disks, false)));
   sections.push('TASKS\n' + (s.tasks.length === 0 ? '(none)' : table(

@@ -6,7 +6,8 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger } from '../log.js';
 import { parseSize } from '../util/size.js';
 import { attachHelp, startServe } from './serve.js';
-import { runUp, runDown } from './up.js';
+import { runUp, runDown, runNodeStart, runNodeSignal, type NodeStartOptions, type UpOptions } from './up.js';
+import { MAX_NODE_ID } from '../config/config.js';
 import { registerAdminCommands } from './admin-commands.js';
 
 const program = new Command();
@@ -56,30 +57,66 @@ program
     onStopSignal(log, () => serving.stop());
   });
 
-program
+const stateDirOption = (): Option => new Option('--state-dir <dir>', 'state directory').default(process.env.DVE_STATE_DIR ?? './dve-state');
+const nodeIdArg = (v: string): number => {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || n > MAX_NODE_ID) throw new InvalidArgumentError(`node id "${v}" is not an integer from 0 to ${MAX_NODE_ID}`);
+  return n;
+};
+/** The options `dve up` and `dve node start` share. */
+function startOptions(cmd: Command): Command {
+  return cmd
+    .addOption(stateDirOption())
+    .option('--config <file>', 'cluster configuration (YAML or JSON); default: the embedded default in --state-dir')
+    .option('--port <port>', 'base NBD TCP port of the embedded default: node i listens on PORT+i-1 (admin and mesh ports follow from it)', portArg, 10809)
+    .option('--bind <address>', 'address to listen on', '127.0.0.1')
+    .addOption(logLevelOption());
+}
+
+startOptions(program
   .command('up')
-  .description('bring up the main job: a node serving its volumes (the embedded default without --config)')
-  .option('--state-dir <dir>', 'state directory', process.env.DVE_STATE_DIR ?? './dve-state')
-  .option('--port <port>', 'NBD TCP port', portArg, 10809)
-  .option('--bind <address>', 'address to listen on', '127.0.0.1')
-  .option('--config <file>', 'node configuration (YAML or JSON); default: the embedded default in --state-dir')
-  .option('--id <n>', 'which node of the configuration this is (default: the first)', (v: string) => {
-    if (!/^\d+$/.test(v)) throw new InvalidArgumentError(`"${v}" is not a node id`);
-    return Number(v);
-  })
-  .option('--detach', 'run in the background; `dve down` stops it', false)
-  .addOption(logLevelOption())
-  .action(async (o: { stateDir: string; port: number; bind: string; detach: boolean; logLevel: string; config?: string; id?: number }) => {
-    (o as { nodeId?: number }).nodeId = o.id;
+  .description('bring up the main job: every node of the configuration, each its own process (the embedded default without --config: nodes 1, 2, 3); in the foreground it supervises them'))
+  .option('--detach', 'return once every node serves and leave them running in the background; `dve down` stops them', false)
+  .action(async (o: UpOptions) => {
     await runUp(o, onStopSignal);
   });
 
 program
   .command('down')
-  .description('stop the main job started by `dve up`')
-  .option('--state-dir <dir>', 'state directory', process.env.DVE_STATE_DIR ?? './dve-state')
+  .description('stop every node (and the supervisor) started from the state directory')
+  .addOption(stateDirOption())
   .action(async (o: { stateDir: string }) => {
     process.exitCode = await runDown(o.stateDir);
+  });
+
+const nodeCmd = program.command('node').description('start, stop or kill one node of the cluster (failover drills)');
+
+startOptions(nodeCmd
+  .command('start')
+  .description('run one node of the configuration in the foreground (pid in STATE-DIR/node-ID.pid)')
+  .requiredOption('--id <n>', `which node of the configuration (0-${MAX_NODE_ID})`, nodeIdArg))
+  .option('--detach', 'run it in the background (log in STATE-DIR/node-ID.log) and return once it serves', false)
+  .addOption(new Option('--supervised', 'started by a foreground `dve up`: stop when stdin closes').default(false).hideHelp())
+  .action(async (o: NodeStartOptions) => {
+    await runNodeStart(o, onStopSignal);
+  });
+
+nodeCmd
+  .command('stop')
+  .description('stop one node gracefully (SIGTERM) and wait until it is gone')
+  .argument('<id>', `node id (0-${MAX_NODE_ID})`, nodeIdArg)
+  .addOption(stateDirOption())
+  .action(async (id: number, o: { stateDir: string }) => {
+    process.exitCode = await runNodeSignal(o.stateDir, id, 'SIGTERM');
+  });
+
+nodeCmd
+  .command('kill')
+  .description('kill one node abruptly (SIGKILL) and wait until it is gone')
+  .argument('<id>', `node id (0-${MAX_NODE_ID})`, nodeIdArg)
+  .addOption(stateDirOption())
+  .action(async (id: number, o: { stateDir: string }) => {
+    process.exitCode = await runNodeSignal(o.stateDir, id, 'SIGKILL');
   });
 
 registerAdminCommands(program);

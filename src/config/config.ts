@@ -39,8 +39,18 @@ export interface MetadataConfig {
   sizeBytes: number;
 }
 
+export interface ClusterConfig {
+  name: string;
+  /** The mesh secret (every node the same); or read from `secretFile`; the embedded default keeps one in the state directory. */
+  secret?: string;
+  secretFile?: string;
+  /** Mesh heartbeat interval and the silence after which a peer is down and evicted (ms). */
+  heartbeatMs: number;
+  peerTimeoutMs: number;
+}
+
 export interface Config {
-  cluster: { name: string };
+  cluster: ClusterConfig;
   nodes: NodeConfig[];
   disks: DiskConfig[];
   metadata: MetadataConfig;
@@ -89,8 +99,24 @@ export function validateConfig(raw: unknown, source: string, baseDir: string): C
   v.known(root, '', ['cluster', 'nodes', 'disks', 'metadata', 'extentSize']);
 
   const clusterRaw = root.cluster === undefined ? {} : v.object(root.cluster, 'cluster');
-  const cluster = { name: clusterRaw ? v.string(clusterRaw.name ?? 'dve', 'cluster.name') ?? 'dve' : 'dve' };
-  if (clusterRaw) v.known(clusterRaw, 'cluster', ['name']);
+  const cluster: ClusterConfig = { name: 'dve', heartbeatMs: 500, peerTimeoutMs: 3000 };
+  if (clusterRaw) {
+    v.known(clusterRaw, 'cluster', ['name', 'secret', 'secretFile', 'heartbeat', 'peerTimeout']);
+    cluster.name = v.string(clusterRaw.name ?? 'dve', 'cluster.name') ?? 'dve';
+    if (clusterRaw.secret !== undefined) {
+      const sec = v.string(clusterRaw.secret, 'cluster.secret');
+      if (sec !== null && sec.length < 16) v.problem('cluster.secret', '(hidden)', 'must be at least 16 characters');
+      else if (sec !== null) cluster.secret = sec;
+    }
+    if (clusterRaw.secretFile !== undefined) {
+      const f = v.string(clusterRaw.secretFile, 'cluster.secretFile');
+      if (f !== null) cluster.secretFile = path.resolve(baseDir, f);
+    }
+    if (clusterRaw.secret !== undefined && clusterRaw.secretFile !== undefined) v.problem('cluster.secretFile', clusterRaw.secretFile, 'cannot be given together with cluster.secret');
+    if (clusterRaw.heartbeat !== undefined) cluster.heartbeatMs = v.integer(clusterRaw.heartbeat, 'cluster.heartbeat', 10, 60_000) ?? 500;
+    if (clusterRaw.peerTimeout !== undefined) cluster.peerTimeoutMs = v.integer(clusterRaw.peerTimeout, 'cluster.peerTimeout', 50, 600_000) ?? 3000;
+    if (cluster.peerTimeoutMs <= cluster.heartbeatMs) v.problem('cluster.peerTimeout', cluster.peerTimeoutMs, `must be longer than cluster.heartbeat (${cluster.heartbeatMs})`);
+  }
 
   const nodes: NodeConfig[] = [];
   const nodesRaw = v.array(root.nodes, 'nodes');
@@ -147,7 +173,7 @@ export function validateConfig(raw: unknown, source: string, baseDir: string): C
     v.known(metaRaw, 'metadata', ['path', 'size']);
     const p = v.string(metaRaw.path, 'metadata.path');
     const size = v.size(metaRaw.size ?? '64M', 'metadata.size');
-    if (size !== null && size < 1024 * 1024) v.problem('metadata.size', metaRaw.size, 'must be at least 1M');
+    if (size !== null && size < 16 * 1024 * 1024) v.problem('metadata.size', metaRaw.size, 'must be at least 16M (64 chunks are node journals)');
     if (p !== null && size !== null) metadata = { path: path.resolve(baseDir, p), sizeBytes: size };
     if (p !== null && disks.some((d) => d.path === path.resolve(baseDir, p))) v.problem('metadata.path', p, 'is also a disk');
   }
@@ -163,7 +189,7 @@ export function validateConfig(raw: unknown, source: string, baseDir: string): C
 
 /** The embedded default: nodes on loopback, sparse disk files, all under stateDir. */
 export function embeddedDefault(stateDir: string, o: { nodes?: number; basePort?: number } = {}): Config {
-  const n = o.nodes ?? 1;
+  const n = o.nodes ?? 3;
   const base = o.basePort ?? 10809;
   const nodes: NodeConfig[] = [];
   // Port 0 (tests) means "any free port" for every endpoint.
@@ -181,7 +207,7 @@ export function embeddedDefault(stateDir: string, o: { nodes?: number; basePort?
     id: `d${k}`, path: path.join(dir, 'disks', `d${k}.img`), sizeBytes: 4 * 1024 ** 3,
   }));
   return {
-    cluster: { name: 'dve' },
+    cluster: { name: 'dve', secretFile: path.join(dir, 'cluster.secret'), heartbeatMs: 500, peerTimeoutMs: 3000 },
     nodes,
     disks,
     metadata: { path: path.join(dir, 'meta.img'), sizeBytes: 64 * 1024 * 1024 },

@@ -61,6 +61,8 @@ export interface VolumeInfo {
   state: 'ok' | 'degraded' | 'resyncing';
   /** Where it is exported. */
   uris: string[];
+  /** Nodes exporting it (every node in the cluster that is up; `dve status` fills the peers in). */
+  nodes?: number[];
   allocatedBytes: number;
   journal: JournalInfo | null;
   fp: FpStatisticsView;
@@ -92,17 +94,39 @@ export interface TaskInfo {
   message: string | null;
 }
 
+/** A node as `dve status` shows it. Peers' pid, oplocks and boot come from the peer itself when it answers. */
 export interface NodeInfo {
   id: number;
-  pid: number;
-  state: 'online' | 'booting';
+  pid: number | null;
+  /** online: this node; joined: a peer up on the mesh; unknown: not heard from yet; down: silent, not yet evicted. */
+  state: 'online' | 'booting' | 'joined' | 'unknown' | 'down' | 'evicted';
   nbd: Endpoint;
   admin: Endpoint;
-  startedAt: string;
+  mesh?: Endpoint;
+  startedAt: string | null;
+  /** Boot count (the oplock incarnation). */
+  boot?: number;
+  /** Oplocks this node tracks, by state. */
+  oplocks?: Record<string, number>;
+  /** Non-volatile oplock records in its journal (held mirror extents, inherited records). */
+  journalRecords?: number;
+  /** Times this node was evicted, as the reporting node saw. */
+  evictions?: number;
+}
+
+export interface ClusterInfo {
+  /** The node that evicts (lowest id up), as the reporting node sees it. */
+  evictor: number;
+  quorum: boolean;
+  recovery: { reconciledExtents: number; reconciledBytes: number; evictions: number };
+  messages: { sent: number; received: number; rejected: number };
+  /** Group pauses this node is in. */
+  paused: { op: string; volumes: string[]; since: string }[];
 }
 
 export interface NodeStatus {
   nodes: NodeInfo[];
+  cluster?: ClusterInfo;
   volumes: VolumeInfo[];
   disks: DiskInfo[];
   tasks: TaskInfo[];
@@ -125,7 +149,7 @@ export class AdminError extends Error {
 }
 
 export interface EngineAdmin {
-  status(): NodeStatus;
+  status(): NodeStatus | Promise<NodeStatus>;
   listVolumes(): VolumeInfo[];
   showVolume(name: string): VolumeInfo;
   createVolume(req: VolumeCreateRequest): Promise<VolumeInfo>;

@@ -43,8 +43,12 @@ import {
   type NodeStatus, type TaskInfo, type VerifyReport, type VolumeCreateRequest, type VolumeInfo, type JournalInfo,
 } from './admin-api.js';
 import {
-  METADATA_FORMAT, ROOT_CHUNK, readVolume, writeVolume, writeVolumeHeader, type RootRecord, type VolumeRecord,
+  FIRST_VOLUME_CHUNK, METADATA_FORMAT, MIN_CHUNKS, ROOT_CHUNK, nodeJournalChunk, readVolume, writeVolume, writeVolumeHeader,
+  type RootRecord, type VolumeRecord,
 } from './metadata.js';
+import { Coordinator, type CoordinatorHooks, type JournalStore, type NodeJournal } from '../../cluster/coordinator.js';
+import type { Eviction } from '../../cluster/membership.js';
+import { nowUs } from '../fp/api.js';
 
 const EIO = -HOST_ERRNO.EIO;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -104,7 +108,17 @@ interface Volume extends VolumeRecord {
   activeEpoch: Map<number, number>;
   /** Active extents the sweep is about to remove: mapped fault-on-write meanwhile. */
   closing: Set<number>;
+  /** Held extents a peer asked for: being given up (writes wait, then reacquire). */
+  releasing: Map<number, Promise<void>>;
   sweeping: boolean;
+  /** The cached header and maps may be used (this node shares the header oplock and read them since). */
+  valid: boolean;
+  /** Paused by a group operation (count of pauses in force). */
+  paused: number;
+  /** Woken when the volume becomes valid or unpaused. */
+  wakers: (() => void)[];
+  /** Detached (deleted, here or by another node). */
+  gone: boolean;
 }
 
 /** Idle sweep of the activity log, and the health flush of written disks. */
@@ -113,6 +127,20 @@ const HEALTH_FLUSH_MS = Number(process.env.DVE_HEALTH_FLUSH_MS ?? 2_000);
 
 function isMirrored(layout: Layout): boolean {
   return layout === 'mirrored' || layout === 'striped-mirrored';
+}
+
+/** Oplock ids (seed 004: guid.luid[index]). The volume guid is its header chunk, stable for its life. */
+export const ROOT_LOCK = 'dve.root[0]';
+function hdrLock(v: { headerChunk: number }): string {
+  return `vol${v.headerChunk}.hdr[0]`;
+}
+/** Mirror-write serialization: one non-volatile oplock per allocation extent of a mirrored volume. */
+function mwLock(v: { headerChunk: number }, e: number): string {
+  return `vol${v.headerChunk}.mw[${e}]`;
+}
+function parseVolumeLock(lock: string): { headerChunk: number; kind: string; index: number } | null {
+  const m = /^vol(\d+)\.([a-z]+)\[(\d+)\]$/.exec(lock);
+  return m ? { headerChunk: Number(m[1]), kind: m[2]!, index: Number(m[3]) } : null;
 }
 
 interface Task {
@@ -125,10 +153,45 @@ export interface EngineOptions {
   nodeId: number;
   log: Logger;
   queue?: IoBatchQueue;
+  /**
+   * The node's cluster coordinator (mesh, oplocks, membership), not yet booted: the
+   * engine boots it (journal, replay) and joins. Without one the engine runs alone
+   * with a local coordinator (no peers: every oplock is uncontended).
+   */
+  cluster?: (journals: JournalStore) => Coordinator;
 }
 
-export class Engine implements EngineAdmin, CpApi {
+/** Counters of cluster recovery work, for status and tests. */
+export interface RecoveryStats {
+  /** Extents of dead owners (or of this node's previous run) reconciled, and the bytes copied. */
+  reconciledExtents: number;
+  reconciledBytes: number;
+  evictions: number;
+}
+
+export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   readonly exports = new ExportRegistry();
+  cluster!: Coordinator;
+  readonly nodeId: number;
+  readonly recovery: RecoveryStats = { reconciledExtents: 0, reconciledBytes: 0, evictions: 0 };
+  /** The cached root (disk table, volume table) may be used. */
+  private rootValid = false;
+  /** Called when the cluster evicted this node: the node stops serving. */
+  onSelfEvicted: () => void = () => {};
+  /**
+   * Group atomic operation: pause I/O to `volumes` on every live node (a synchronization
+   * point), run fn, resume everywhere. The node wires the cluster version; alone, this one.
+   */
+  groupPause: <T>(volumes: string[], timeoutMs: number, fn: () => Promise<T>) => Promise<T> = async (volumes, _timeoutMs, fn) => {
+    await this.pauseVolumes(volumes);
+    try {
+      return await fn();
+    } finally {
+      this.resumeVolumes(volumes);
+    }
+  };
+  /** Group pauses in force on this node (for status). */
+  pausedOps: () => { op: string; volumes: string[]; since: string }[] = () => [];
   private readonly volumes = new Map<string, Volume>();
   private readonly tasks: Task[] = [];
   private serial: Promise<unknown> = Promise.resolve();
@@ -147,67 +210,72 @@ export class Engine implements EngineAdmin, CpApi {
     private readonly store: ChunkStore,
     private readonly metaDevice: FileMetaDevice,
     private root: RootRecord,
-    private readonly allocator: ExtentAllocator,
-  ) {}
+    private allocator: ExtentAllocator,
+    nodeId: number,
+  ) {
+    this.nodeId = nodeId;
+  }
 
   // ── start-up ─────────────────────────────────────────────────────────────
+  /**
+   * Open the disks and the shared metadata area, boot the cluster coordinator (seed
+   * 004's boot steps: take this node's journal, replay what it records, join), then
+   * share the root and every volume header and read them.
+   */
   static async open(o: EngineOptions): Promise<Engine> {
     const queue = o.queue ?? new IoBatchQueue();
     const disks = new Map<string, DiskSlot>();
     let dev: FileMetaDevice | null = null;
+    let engine: Engine | null = null;
     try {
       for (const d of o.config.disks) {
         const file = FileBackend.open(d.path, { createSizeBytes: fs.existsSync(d.path) ? undefined : d.sizeBytes, queue });
         disks.set(d.id, new DiskSlot(d.id, file));
       }
-      const fresh = !fs.existsSync(o.config.metadata.path);
-      if (fresh) fs.mkdirSync(path.dirname(o.config.metadata.path), { recursive: true });
-      dev = await FileMetaDevice.open(o.config.metadata.path, { sizeBytes: o.config.metadata.sizeBytes, create: fresh });
-      return await Engine.load(o, disks, dev, fresh);
+      const opened = await openMetadataArea(o.config, o.log);
+      dev = opened.dev;
+      engine = await Engine.load(o, disks, dev, opened.store);
+      return engine;
     } catch (e) {
       // Nothing half-open is left behind: close what was opened, then report.
+      if (engine) await engine.cluster?.stop().catch(() => {});
       for (const d of disks.values()) await d.close().catch(() => {});
       await dev?.close().catch(() => {});
       throw e;
     }
   }
 
-  private static async load(o: EngineOptions, disks: Map<string, DiskSlot>, dev: FileMetaDevice, fresh: boolean): Promise<Engine> {
+  private static async load(o: EngineOptions, disks: Map<string, DiskSlot>, dev: FileMetaDevice, store: ChunkStore): Promise<Engine> {
     const { config, log } = o;
-    let store: ChunkStore;
-    let root: RootRecord | null = null;
-    try {
-      store = await ChunkStore.open(dev);
-      root = await store.readChunk<RootRecord>(ROOT_CHUNK);
-    } catch (e) {
-      if (!(e instanceof MetadataSuperblockError && e.reason === 'bad-magic' && fresh)) {
-        throw new Error(`metadata area ${config.metadata.path}: ${(e as Error).message}`);
-      }
-      store = await ChunkStore.format(dev, {});
-      log.info({ path: config.metadata.path, chunks: store.chunkCount }, 'metadata area formatted');
+    if (store.chunkCount < MIN_CHUNKS) {
+      throw new Error(`metadata area ${config.metadata.path} has ${store.chunkCount} chunks; dve needs at least ${MIN_CHUNKS} (64 are node journals): make metadata.size larger`);
     }
-    if (root === null) {
-      root = { format: METADATA_FORMAT, extentBytes: config.extentBytes, generation: 1, disks: [], volumes: [] };
-    }
-    if (root.format !== METADATA_FORMAT) throw new Error(`metadata format ${root.format} is not supported (this dve reads ${METADATA_FORMAT})`);
-    // Disks named by the configuration join the table; a disk the table has but the configuration lacks is an error.
+    const root = await store.readChunk<RootRecord>(ROOT_CHUNK);
+    if (!root) throw new Error(`metadata area ${config.metadata.path} has no root record`);
+    if (root.format !== METADATA_FORMAT) throw new Error(`metadata format ${root.format} is not supported (this dve reads ${METADATA_FORMAT}); move the old state directory away`);
     for (const d of root.disks) {
       if (!disks.has(d.id)) throw new Error(`metadata names disk ${d.id}, which the configuration does not list`);
       disks.get(d.id)!.state = d.state;
     }
-    for (const id of disks.keys()) if (!root.disks.some((d) => d.id === id)) root.disks.push({ id, state: 'online' });
-    const allocator = new ExtentAllocator([...disks.values()].map((d) => ({ id: d.id, sizeBytes: d.sizeBytes, reservedBytes: 0 })), root.extentBytes);
-    const engine = new Engine(config, log, disks, store, dev, root, allocator);
+    const engine = new Engine(config, log, disks, store, dev, root, new ExtentAllocator([], root.extentBytes), o.nodeId);
     for (const d of config.disks) engine.readCost.set(d.id, d.readCost ?? 1);
-    for (const v of root.volumes) {
-      const rec = await readVolume(store, v.headerChunk);
-      engine.allocator.markUsed(engine.recordExtents(rec));
-      engine.attach(rec, await engine.openJournal(rec));
+    const journals = engine.journalStore();
+    engine.cluster = o.cluster ? o.cluster(journals) : new Coordinator({ nodeId: o.nodeId, peers: [], mesh: null, journals, log });
+    engine.cluster.hooks = engine;
+    // Boot steps 1-4: this node's journal (and whatever it inherited), replayed against
+    // the volumes as the media hold them, before the node answers any oplock request.
+    for (const v of root.volumes) engine.attach(await readVolume(store, v.headerChunk), null, false);
+    const boot = await engine.cluster.bootJournal();
+    if (boot.records.length > 0) {
+      for (const lock of boot.records) await engine.replayRecord(lock, 'replayed from this node\'s journal');
+      log.info({ records: boot.records.length, reconciledBytes: engine.recovery.reconciledBytes }, 'journal replayed');
     }
-    await store.writeChunk(ROOT_CHUNK, root);
-    for (const v of engine.volumes.values()) await engine.reconcile(v);
+    await engine.cluster.replayed(boot.records);
+    // Steps 6-7: open for business; then share the root and the volumes and read them.
+    engine.cluster.start();
+    await engine.joinCluster();
     engine.startTimers();
-    log.info({ volumes: root.volumes.length, disks: disks.size, generation: root.generation }, 'engine ready');
+    log.info({ volumes: engine.volumes.size, disks: disks.size, generation: engine.root.generation, boot: boot.boot }, 'engine ready');
     for (const v of engine.volumes.values()) {
       for (const s of v.header.stale) {
         if (engine.disks.get(s.disk)?.state === 'online') engine.startResync(s.disk);
@@ -216,10 +284,39 @@ export class Engine implements EngineAdmin, CpApi {
     return engine;
   }
 
+  /** This node's and its peers' journals: fixed chunks of the shared metadata area. */
+  private journalStore(): JournalStore {
+    return {
+      read: async (node) => (await this.store.readChunk<NodeJournal>(nodeJournalChunk(node))) ?? { node, boot: 0, records: [], heldBy: null },
+      write: (j) => this.store.writeChunk(nodeJournalChunk(j.node), j),
+    };
+  }
+
+  /** Share the root, read it (volumes, disks), add disks the configuration names that the table lacks. */
+  private async joinCluster(): Promise<void> {
+    await this.cluster.share(ROOT_LOCK);
+    await this.reloadRoot();
+    for (const v of this.volumes.values()) {
+      if (v.valid) continue;
+      if (!v.journal && v.header.journal) v.journal = v.fp.journal = await this.openJournal(v);
+      void this.reshareVolume(v);
+    }
+    const missing = [...this.disks.keys()].filter((id) => !this.root.disks.some((d) => d.id === id));
+    if (missing.length > 0) {
+      await this.withRoot(async () => {
+        for (const id of missing) if (!this.root.disks.some((d) => d.id === id)) this.root.disks.push({ id, state: 'online' });
+        await this.store.writeChunk(ROOT_CHUNK, this.root);
+      });
+      this.log.info({ disks: missing }, 'disks added to the disk table');
+    }
+    await Promise.all([...this.volumes.values()].map((v) => this.whenUsable(v)));
+  }
+
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
     for (const t of this.tasks) t.cancelled = true;
     await this.exclusive(async () => {});
+    await this.cluster.stop();
     for (const v of this.volumes.values()) await v.fp.close();
     for (const d of this.disks.values()) await d.close();
     await this.metaDevice.close();
@@ -232,17 +329,296 @@ export class Engine implements EngineAdmin, CpApi {
     return run;
   }
 
-  private attach(rec: VolumeRecord, journal: JournalWriter | null = null): Volume {
+  private attach(rec: VolumeRecord, journal: JournalWriter | null = null, valid = true): Volume {
     const fp = new FastPath(rec.header.name, rec.header.sizeBytes, this, this.disks);
     fp.journal = journal;
     const exp = new NbdExport(rec.header.name, fp, `dve ${rec.header.layout} volume ${rec.header.name}`);
     const v: Volume = {
-      ...rec, fp, exp, copying: new Map(), resyncing: new Set(), journal, swapping: null,
-      activeSet: new Set(rec.header.active), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), sweeping: false,
+      ...rec, fp, exp, copying: new Map(), resyncing: new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk)), journal, swapping: null,
+      activeSet: new Set(), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), releasing: new Map(), sweeping: false,
+      valid, paused: 0, wakers: [], gone: false,
     };
     this.volumes.set(rec.header.name, v);
     this.exports.add(exp);
     return v;
+  }
+
+  // ── cluster coherence (seed 004 oplocks) ─────────────────────────────────
+  /*
+   * Every node shares the root oplock (disk table, volume table) and the header oplock
+   * of every volume (header, VSEGs, rmap chunks, age list) while it serves from them.
+   * A change takes the root and/or header oplocks restrictively, rereads what it
+   * changes from media, writes it back, and releases: the other nodes' CPs were told to
+   * revoke (FP entries removed, I/O in flight drained, volume marked not usable) before
+   * the update, and share again and reread after it, so no node serves I/O from a
+   * mapping the update changed. I/O that arrives meanwhile waits in the CP, parked (it
+   * uses no mapping, so no drain waits for it).
+   */
+
+  /** Take the root oplock (and then the given volumes' header oplocks), reread, run fn, release. */
+  private async withRoot<T>(fn: () => Promise<T>, volumes: Volume[] = []): Promise<T> {
+    return this.cluster.withAcquired(ROOT_LOCK, { restrictive: true }, async () => {
+      await this.reloadRoot();
+      return this.withVolumes(volumes.filter((v) => !v.gone), true, fn);
+    });
+  }
+
+  /** Take the volumes' header oplocks (in header-chunk order), reread each, run fn, release. */
+  private async withVolumes<T>(volumes: Volume[], restrictive: boolean, fn: () => Promise<T>): Promise<T> {
+    const sorted = [...volumes].sort((a, b) => a.headerChunk - b.headerChunk);
+    const step = async (i: number): Promise<T> => {
+      if (i === sorted.length) return fn();
+      const v = sorted[i]!;
+      return this.cluster.withAcquired(hdrLock(v), { restrictive }, async () => {
+        await this.reloadVolume(v);
+        return step(i + 1);
+      });
+    };
+    return step(0);
+  }
+
+  private rootReloads: Promise<void> = Promise.resolve();
+  /** Chunks the volume table uses, as of the last reread of the root. */
+  private chunksInUse = new Set<number>();
+
+  /** Reread the root: disk states, generation, and the volume set (attach new volumes, detach deleted ones). */
+  private reloadRoot(): Promise<void> {
+    const run = this.rootReloads.then(() => this.reloadRootNow());
+    this.rootReloads = run.catch(() => {});
+    return run;
+  }
+
+  private async reloadRootNow(): Promise<void> {
+    const root = await this.store.readChunk<RootRecord>(ROOT_CHUNK);
+    if (!root) throw new Error('the metadata root record vanished');
+    this.root = root;
+    for (const d of root.disks) {
+      const slot = this.disks.get(d.id);
+      if (!slot) {
+        this.log.error({ disk: d.id }, 'the disk table names a disk this node\'s configuration lacks');
+        continue;
+      }
+      if (slot.state !== d.state) {
+        this.log.info({ disk: d.id, from: slot.state, to: d.state }, 'disk state changed by the cluster');
+        slot.state = d.state;
+      }
+    }
+    for (const entry of root.volumes) {
+      const have = this.volumes.get(entry.name);
+      if (have && have.headerChunk === entry.headerChunk) continue;
+      if (have) this.detach(have);
+      const v = this.attach(await readVolume(this.store, entry.headerChunk), null, false);
+      v.journal = v.fp.journal = await this.openJournal(v);
+      void this.reshareVolume(v);
+    }
+    for (const v of [...this.volumes.values()]) if (!root.volumes.some((e) => e.name === v.header.name && e.headerChunk === v.headerChunk)) this.detach(v);
+    this.rootValid = true;
+    // Allocation state follows the volume table (another node may have allocated).
+    const allocator = new ExtentAllocator([...this.disks.values()].map((d) => ({ id: d.id, sizeBytes: d.sizeBytes, reservedBytes: 0 })), root.extentBytes);
+    const chunks = new Set<number>([ROOT_CHUNK]);
+    for (const entry of root.volumes) {
+      const v = this.volumes.get(entry.name)!;
+      const rec = v.valid ? v : await readVolume(this.store, entry.headerChunk);
+      allocator.markUsed(this.recordExtents(rec));
+      chunks.add(entry.headerChunk);
+      for (const c of rec.rmapChunks) chunks.add(c);
+    }
+    this.allocator = allocator;
+    this.chunksInUse = chunks;
+  }
+
+  /** Reread a volume's header and maps from media into the attached volume. */
+  private async reloadVolume(v: Volume): Promise<void> {
+    const rec = await readVolume(this.store, v.headerChunk);
+    v.header = rec.header;
+    v.map = rec.map;
+    v.rmapChunks = rec.rmapChunks;
+    v.age = rec.age;
+    v.fp.sizeBytes = rec.header.sizeBytes;
+    v.resyncing = new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk));
+  }
+
+  /** Share the volume's header oplock again (granted once any writer released it), reread, serve. */
+  private async reshareVolume(v: Volume): Promise<void> {
+    try {
+      await this.cluster.share(hdrLock(v));
+      if (v.gone) return;
+      await this.reloadVolume(v);
+      v.valid = true;
+      this.wake(v);
+    } catch (err) {
+      if (!v.gone) this.log.error({ volume: v.header.name, err: (err as Error).message }, 'rereading a volume after a revoke failed');
+    }
+  }
+
+  private async reshareRoot(): Promise<void> {
+    try {
+      await this.cluster.share(ROOT_LOCK);
+      await this.reloadRoot();
+      for (const v of this.volumes.values()) if (!v.valid && !v.gone) void this.reshareVolume(v);
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'rereading the root after a revoke failed');
+    }
+  }
+
+  private detach(v: Volume): void {
+    if (v.gone) return;
+    v.gone = true;
+    v.valid = false;
+    this.volumes.delete(v.header.name);
+    this.exports.remove(v.header.name);
+    this.onVolumeRemoved(v.header.name);
+    v.fp.removeAllMappings();
+    for (const e of v.activeSet) this.cluster.unhold(mwLock(v, e));
+    v.activeSet.clear();
+    this.cluster.unshare(hdrLock(v));
+    this.wake(v);
+    this.log.info({ volume: v.header.name }, 'volume detached');
+  }
+
+  private wake(v: Volume): void {
+    for (const w of v.wakers.splice(0)) w();
+  }
+
+  private usableNow(v: Volume): boolean {
+    return v.valid && v.paused === 0 && this.rootValid;
+  }
+
+  /** Resolves once the volume may be served (valid, not paused), or rejects when it is gone. */
+  private async whenUsable(v: Volume): Promise<void> {
+    while (!this.usableNow(v)) {
+      if (v.gone) throw new AdminError('ENOENT', `volume ${v.header.name} was deleted`);
+      await new Promise<void>((r) => v.wakers.push(r));
+    }
+  }
+
+  /** Oplock hook: a peer's restrictive acquire (or a flush request) of something this node caches. */
+  async revoke(lock: string, r: { restrictive: boolean; flush: boolean }): Promise<void> {
+    if (!r.restrictive) return; // no dirty metadata journal: updates are on media before release
+    if (lock === ROOT_LOCK) {
+      this.rootValid = false;
+      const waits: Promise<void>[] = [];
+      for (const v of this.volumes.values()) waits.push(v.fp.drain(v.fp.removeAllMappings()));
+      await Promise.all(waits);
+      return;
+    }
+    const p = parseVolumeLock(lock);
+    const v = p && this.volumeByHeader(p.headerChunk);
+    if (!p || !v) return;
+    if (p.kind === 'hdr') {
+      v.valid = false;
+      await v.fp.drain(v.fp.removeAllMappings());
+    } else if (p.kind === 'mw') {
+      const E = this.root.extentBytes;
+      await v.fp.drain(v.fp.removeMapping(p.index * E, E), p.index * E, E);
+    }
+  }
+
+  /** Oplock hook: after a restrictive revoke, share again (the grant waits for the writer's release). */
+  afterRevoke(lock: string): void {
+    if (lock === ROOT_LOCK) {
+      void this.reshareRoot();
+      return;
+    }
+    const p = parseVolumeLock(lock);
+    const v = p && this.volumeByHeader(p.headerChunk);
+    if (p?.kind === 'hdr' && v && !v.gone) void this.reshareVolume(v);
+  }
+
+  /** Oplock hook: a peer wants a mirror extent this node holds: give it up once its writes are durable. */
+  wanted(lock: string): void {
+    const p = parseVolumeLock(lock);
+    const v = p && this.volumeByHeader(p.headerChunk);
+    if (!p || !v || p.kind !== 'mw' || !v.activeSet.has(p.index) || v.releasing.has(p.index)) return;
+    const e = p.index;
+    const E = this.root.extentBytes;
+    const done = (async () => {
+      const revokedAt = v.fp.removeMapping(e * E, E);
+      await v.fp.drain(revokedAt, e * E, E);
+      await this.flushVolumeDisks(v);
+      v.activeSet.delete(e);
+      v.closing.delete(e);
+      v.activeEpoch.delete(e);
+      this.cluster.unhold(mwLock(v, e));
+    })().catch((err: Error) => this.log.error({ volume: v.header.name, extent: e, err: err.message }, 'giving up a mirror extent failed'))
+      .finally(() => v.releasing.delete(e));
+    v.releasing.set(e, done);
+  }
+
+  /** Oplock hook: this node inherited a dead owner's record: replay it (then the coordinator releases it). */
+  async cleanup(lock: string): Promise<void> {
+    await this.replayRecord(lock, 'inherited from an evicted node');
+  }
+
+  selfEvicted(): void {
+    for (const v of this.volumes.values()) {
+      v.valid = false;
+      v.fp.removeAllMappings();
+    }
+    this.onSelfEvicted();
+  }
+
+  evicted(e: Eviction): void {
+    this.recovery.evictions++;
+    this.log.warn({ node: e.node, cleaner: e.cleaner, records: e.records.length, mine: e.cleaner === this.nodeId }, 'peer evicted');
+  }
+
+  /**
+   * Replay one non-volatile record: a mirror-write oplock means writes may have reached
+   * some sides of that extent only, so copy it from one live side to the others (seed
+   * 004's fast reconciliation). Writes to the extent through this node wait meanwhile.
+   */
+  private async replayRecord(lock: string, why: string): Promise<void> {
+    const p = parseVolumeLock(lock);
+    const v = p && this.volumeByHeader(p.headerChunk);
+    if (!p || !v || p.kind !== 'mw' || !isMirrored(v.header.layout)) return;
+    const E = this.root.extentBytes;
+    const e = p.index;
+    if (e * E >= v.header.sizeBytes) return;
+    let release!: () => void;
+    const prev = v.copying.get(e);
+    if (prev) await prev;
+    v.copying.set(e, new Promise<void>((r) => (release = r)));
+    try {
+      await v.fp.drain(v.fp.removeMapping(e * E, E), e * E, E);
+      const bytes = await this.copyRange(v, e * E, Math.min(E, v.header.sizeBytes - e * E), null);
+      this.recovery.reconciledExtents++;
+      this.recovery.reconciledBytes += bytes;
+      this.log.info({ volume: v.header.name, extent: e, copiedBytes: bytes, why }, 'mirror extent reconciled');
+    } finally {
+      v.copying.delete(e);
+      release();
+    }
+  }
+
+  private volumeByHeader(headerChunk: number): Volume | undefined {
+    for (const v of this.volumes.values()) if (v.headerChunk === headerChunk) return v;
+    return undefined;
+  }
+
+  private async flushVolumeDisks(v: Volume): Promise<void> {
+    for (const id of this.volumeDisks(v)) {
+      const d = this.disks.get(id)!;
+      if (d.state !== 'online') continue;
+      const r = await diskIo((done) => d.flush(done));
+      if (r < 0) await this.diskFailed(id, 'failed', `flush failed (${r}): write-back error`, true);
+    }
+  }
+
+  /** Group operations: stop serving these volumes on this node (new I/O waits) and drain. */
+  async pauseVolumes(names: string[]): Promise<void> {
+    const vols = names.map((n) => this.volume(n));
+    for (const v of vols) v.paused++;
+    await Promise.all(vols.map((v) => v.fp.drain(v.fp.removeAllMappings())));
+  }
+
+  resumeVolumes(names: string[]): void {
+    for (const n of names) {
+      const v = this.volumes.get(n);
+      if (!v || v.paused === 0) continue;
+      v.paused--;
+      if (v.paused === 0) this.wake(v);
+    }
   }
 
   /** The physical extents a volume map holds: each redirect entry's placements, sized by the rmap coverage. */
@@ -284,7 +660,7 @@ export class Engine implements EngineAdmin, CpApi {
   }
 
   private usedChunks(): Set<number> {
-    const used = new Set<number>([ROOT_CHUNK]);
+    const used = new Set<number>(this.chunksInUse);
     for (const v of this.volumes.values()) {
       used.add(v.headerChunk);
       for (const c of v.rmapChunks) used.add(c);
@@ -292,10 +668,11 @@ export class Engine implements EngineAdmin, CpApi {
     return used;
   }
 
+  /** Free chunks for volume headers and rmaps (call with the root oplock held: the volume table is fresh). */
   private chunkAllocator(): () => number {
     const used = this.usedChunks();
     return () => {
-      for (let i = 1; i < this.store.chunkCount; i++) {
+      for (let i = FIRST_VOLUME_CHUNK; i < this.store.chunkCount; i++) {
         if (!used.has(i)) {
           used.add(i);
           return i;
@@ -305,6 +682,7 @@ export class Engine implements EngineAdmin, CpApi {
     };
   }
 
+  /** Write the root (call with the root oplock held). */
   private async commitRoot(): Promise<void> {
     this.root.disks = [...this.disks.values()].map((d) => ({ id: d.id, state: d.state }));
     this.root.volumes = [...this.volumes.values()].map((v) => ({ name: v.header.name, headerChunk: v.headerChunk }));
@@ -313,7 +691,7 @@ export class Engine implements EngineAdmin, CpApi {
 
   // ── volumes ──────────────────────────────────────────────────────────────
   createVolume(req: VolumeCreateRequest): Promise<VolumeInfo> {
-    return this.exclusive(async () => {
+    return this.exclusive(() => this.withRoot(async () => {
       if (!NAME_RE.test(req.name)) throw new AdminError('EINVAL', `volume name "${req.name}" must be 1-64 letters, digits, "_", "." or "-"`);
       if (this.volumes.has(req.name)) throw new AdminError('EEXIST', `volume ${req.name} already exists`);
       const shape = this.shapeFor(req);
@@ -342,6 +720,8 @@ export class Engine implements EngineAdmin, CpApi {
         if (j) await this.clearJournalRegion(journalRegions![0]!);
         const v = this.attach(rec, j);
         await this.commitRoot();
+        // Serve it only once this node shares its header oplock (a later change then revokes us).
+        await this.cluster.share(hdrLock(v));
         this.log.info({ volume: req.name, sizeBytes: req.sizeBytes, layout: req.layout, disks: this.volumeDisks(v) }, 'volume created');
         return this.volumeInfo(v);
       } catch (e) {
@@ -352,11 +732,11 @@ export class Engine implements EngineAdmin, CpApi {
         }
         throw e;
       }
-    });
+    }));
   }
 
   growVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
-    return this.exclusive(async () => {
+    return this.exclusive(async () => this.withRoot(async () => {
       const v = this.volume(name);
       if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= v.header.sizeBytes) {
         throw new AdminError('EINVAL', `new size ${sizeBytes} must be larger than the current ${v.header.sizeBytes}`);
@@ -366,7 +746,7 @@ export class Engine implements EngineAdmin, CpApi {
       const built = this.buildVseg(h.sizeBytes, sizeBytes - h.sizeBytes, shape, this.volumeDisks(v));
       try {
         await this.scrub(built.extents);
-        // Adding a VSEG is unrestrictive: cached mappings stay valid; the FP learns the new ones on a miss.
+        // Peers revoked and drained under the header oplock; they reread the new VSEG after.
         v.map.append(built.vseg);
         v.header.sizeBytes = sizeBytes;
         await writeVolume(this.store, v, this.chunkAllocator());
@@ -378,22 +758,20 @@ export class Engine implements EngineAdmin, CpApi {
       v.fp.sizeBytes = sizeBytes;
       this.log.info({ volume: name, sizeBytes }, 'volume grown');
       return this.volumeInfo(v);
-    });
+    }, [this.volume(name)]));
   }
 
   deleteVolume(name: string): Promise<void> {
-    return this.exclusive(async () => {
+    return this.exclusive(async () => this.withRoot(async () => {
       const v = this.volume(name);
       if (v.resyncing.size > 0) throw new AdminError('EBUSY', `volume ${name} is resyncing`);
-      this.exports.remove(name);
-      this.onVolumeRemoved(name);
-      v.fp.removeAllMappings();
-      await v.fp.drain(Number.MAX_SAFE_INTEGER);
-      this.volumes.delete(name);
+      const revokedAt = v.fp.removeAllMappings();
+      this.detach(v);
+      await v.fp.drain(revokedAt);
       await this.commitRoot();
       this.allocator.free(this.recordExtents(v));
       this.log.info({ volume: name }, 'volume deleted');
-    });
+    }, [this.volume(name)]));
   }
 
   listVolumes(): VolumeInfo[] {
@@ -580,6 +958,7 @@ export class Engine implements EngineAdmin, CpApi {
   mappingMiss(volume: string, offsetBytes: number, _lengthBytes: number): MissAnswer {
     const v = this.volumes.get(volume);
     if (!v) return { kind: 'IGNORE', result: EIO };
+    if (!this.usableNow(v)) return { kind: 'QUEUE' };
     const r = v.map.resolve(offsetBytes);
     if (!r) return { kind: 'QUEUE' };
     let start = r.vseg.startBytes + r.vseg.rmap.startOf(r.extentIndex);
@@ -594,7 +973,7 @@ export class Engine implements EngineAdmin, CpApi {
       if (v.copying.has(e)) return { kind: 'QUEUE' };
       start = Math.max(start, e * E);
       end = Math.min(end, (e + 1) * E);
-      faultOnWrite ||= !v.activeSet.has(e) || v.activePending.has(e) || v.closing.has(e) || this.needsAge(v, e);
+      faultOnWrite ||= !this.writeHeld(v, e) || v.closing.has(e) || this.needsAge(v, e);
     }
     const m: FpMapping = {
       startBytes: start,
@@ -637,7 +1016,15 @@ export class Engine implements EngineAdmin, CpApi {
     );
   }
 
+  /**
+   * Everything the CP waits for (metadata, oplocks, copies, the age list) it waits for
+   * with the I/O parked; then it unparks, checks synchronously that all still holds,
+   * and issues the I/O in the same turn, so a revocation either finds it not started
+   * (it parks again and retries) or drains it.
+   */
   private async handle(v: Volume, io: UpstreamIo, why: FaultClass): Promise<number> {
+    const fp = v.fp;
+    fp.park(io, true);
     if (why === FaultClass.DOWNSTREAM_ERROR) {
       const failed = (io as unknown as { failedPlacements: number[] | null; storage: StorageDescriptor | null });
       if (failed.failedPlacements && failed.storage) {
@@ -647,23 +1034,32 @@ export class Engine implements EngineAdmin, CpApi {
         if (!mirrored) return EIO;
         if (io.op === UpstreamOp.WRITE) {
           // The write reached every other side: record its extents as written in this generation.
-          await this.markWrite(v, io.offsetBytes, io.lengthBytes);
+          await this.prepareWrite(v, io.offsetBytes, io.lengthBytes);
           const remaining = (io as unknown as { firstError: number });
           return remaining.firstError !== 0 && failed.failedPlacements.length >= places.length ? remaining.firstError : 0;
         }
       }
     }
-    if (why === FaultClass.SERIALIZATION) await v.fp.drain(io.receivedUs - 1, io.offsetBytes, io.lengthBytes);
-    return this.perform(v, io);
+    const write = io.op === UpstreamOp.WRITE || io.op === UpstreamOp.ZERO || io.op === UpstreamOp.TRIM;
+    const mirrored = isMirrored(v.header.layout);
+    for (;;) {
+      await this.whenUsable(v);
+      if (write) {
+        await this.waitForCopies(v, io.offsetBytes, io.lengthBytes);
+        await this.prepareWrite(v, io.offsetBytes, io.lengthBytes);
+      }
+      fp.park(io, false);
+      const overlap = write && mirrored && fp.overlapsActiveWrite(io);
+      if (this.usableNow(v) && !overlap && (!write || this.writeReady(v, io.offsetBytes, io.lengthBytes))) return this.perform(v, io);
+      fp.park(io, true);
+      // Overlapping mirrored writes go one after the other, so every side sees the same order.
+      if (overlap) await fp.drain(nowUs(), io.offsetBytes, io.lengthBytes);
+    }
   }
 
-  /** The CP does an upstream I/O itself: split across extents and stripes, mirrored to every write side. */
+  /** The CP does an upstream I/O itself: split across extents and stripes, mirrored to every write side. Issues everything before it yields. */
   private async perform(v: Volume, io: UpstreamIo): Promise<number> {
     const end = io.offsetBytes + io.lengthBytes;
-    if (io.op === UpstreamOp.WRITE || io.op === UpstreamOp.ZERO || io.op === UpstreamOp.TRIM) {
-      await this.waitForCopies(v, io.offsetBytes, io.lengthBytes);
-      await this.markWrite(v, io.offsetBytes, io.lengthBytes);
-    }
     let pos = io.offsetBytes;
     const jobs: Promise<number>[] = [];
     while (pos < end) {
@@ -709,53 +1105,81 @@ export class Engine implements EngineAdmin, CpApi {
       else if (targets.length > 1) await this.diskFailed(targets[i]!.disk, 'failed', 'write error');
     }
     if (ok === 0) return results[0]! < 0 ? results[0]! : EIO;
-    if (ok < targets.length) await this.markWrite(v, io.offsetBytes, io.lengthBytes);
+    if (ok < targets.length) await this.prepareWrite(v, io.offsetBytes, io.lengthBytes);
     return 0;
   }
 
+  /** This node may write extent `e` of a mirrored volume: it holds the extent's mirror-write oplock, and is not giving it up. */
+  private writeHeld(v: Volume, e: number): boolean {
+    return v.activeSet.has(e) && !v.activePending.has(e) && !v.releasing.has(e);
+  }
+
+  /** Every extent of the range is write-held and has its age recorded (synchronous check, just before issuing). */
+  private writeReady(v: Volume, offsetBytes: number, lengthBytes: number): boolean {
+    if (!isMirrored(v.header.layout)) return true;
+    const E = this.root.extentBytes;
+    for (let e = Math.floor(offsetBytes / E); e <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E); e++) {
+      if (!this.writeHeld(v, e) || this.needsAge(v, e) || v.copying.has(e)) return false;
+    }
+    return true;
+  }
+
   /**
-   * Before the CP writes (or lets the FP write) to a mirrored range: every allocation
-   * extent it touches is durably in the activity log, and, while degraded, has the
-   * current generation in the age list. Then the FP's cached mappings of the range are
-   * dropped, so the next miss maps it without fault-on-write.
+   * Before the CP writes (or lets the FP write) to a mirrored range: this node holds
+   * the mirror-write oplock of every allocation extent it touches (non-volatile: the
+   * ownership is in this node's journal, which is the activity log a crash leaves
+   * behind), and, while degraded, the age list records the current generation for
+   * each. Then the FP's cached mappings of the range are dropped, so the next miss
+   * maps it without fault-on-write.
    */
-  private async markWrite(v: Volume, offsetBytes: number, lengthBytes: number): Promise<void> {
+  private async prepareWrite(v: Volume, offsetBytes: number, lengthBytes: number): Promise<void> {
     const E = this.root.extentBytes;
     const first = Math.floor(offsetBytes / E);
     const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E);
     const mirrored = isMirrored(v.header.layout);
     const waits: Promise<void>[] = [];
-    const added: number[] = [];
-    let persist = false;
+    const ages: number[] = [];
     let remap = false;
     for (let e = first; e <= last; e++) {
       if (mirrored) {
-        const pending = v.activePending.get(e);
-        if (pending) waits.push(pending);
-        else if (!v.activeSet.has(e)) {
-          v.activeSet.add(e);
-          added.push(e);
-          persist = true;
-        }
+        const releasing = v.releasing.get(e);
+        if (releasing) waits.push(releasing.then(() => this.holdExtent(v, e)));
+        else if (!v.activeSet.has(e) || v.activePending.has(e)) waits.push(this.holdExtent(v, e));
         if (v.closing.delete(e)) remap = true;
         v.activeEpoch.set(e, (v.activeEpoch.get(e) ?? 0) + 1);
       }
-      if (this.needsAge(v, e)) {
-        v.age.set(e, this.root.generation);
-        persist = true;
-      }
-    }
-    if (persist) {
-      const p = this.persistHeader(v);
-      for (const e of added) v.activePending.set(e, p);
-      try {
-        await p;
-      } finally {
-        for (const e of added) if (v.activePending.get(e) === p) v.activePending.delete(e);
-      }
+      if (this.needsAge(v, e)) ages.push(e);
     }
     await Promise.all(waits);
-    if (persist || remap) v.fp.removeMapping(first * E, (last - first + 1) * E);
+    if (waits.length > 0) remap = true;
+    if (ages.length > 0) {
+      // The age list is shared: take the header oplock (unrestrictive: nobody stops
+      // serving), reread, add, write.
+      await this.withVolumes([v], false, async () => {
+        const missing = ages.filter((e) => this.needsAge(v, e));
+        if (missing.length === 0) return;
+        for (const e of missing) v.age.set(e, this.root.generation);
+        await writeVolumeHeader(this.store, v);
+      });
+      remap = true;
+    }
+    if (remap) v.fp.removeMapping(first * E, (last - first + 1) * E);
+  }
+
+  /** Take the mirror-write oplock of extent `e` (once per extent, however many writers wait). */
+  private holdExtent(v: Volume, e: number): Promise<void> {
+    const pending = v.activePending.get(e);
+    if (pending) return pending;
+    if (v.activeSet.has(e) && !v.releasing.has(e)) return Promise.resolve();
+    const p = this.cluster.hold(mwLock(v, e)).then(() => {
+      if (v.gone) {
+        this.cluster.unhold(mwLock(v, e));
+        return;
+      }
+      v.activeSet.add(e);
+    }).finally(() => v.activePending.delete(e));
+    v.activePending.set(e, p);
+    return p;
   }
 
   private startTimers(): void {
@@ -790,15 +1214,16 @@ export class Engine implements EngineAdmin, CpApi {
   }
 
   /**
-   * Retire idle extents from a mirrored volume's activity log: mark them closing (new
-   * writes fault and keep them), revoke the FP's mappings and drain, make the disks
-   * durable, then drop the extents no write touched meanwhile.
+   * Give up idle mirror-write oplocks (the seed's sweeping process): mark the extents
+   * closing (new writes fault and keep them), revoke the FP's mappings and drain, make
+   * the disks durable, then release the extents no write touched meanwhile. Their
+   * records leave this node's journal with the release.
    */
   private async sweepActivity(v: Volume): Promise<void> {
-    if (v.activeSet.size === 0 || v.sweeping || this.volumes.get(v.header.name) !== v) return;
+    if (v.activeSet.size === 0 || v.sweeping || v.gone) return;
     v.sweeping = true;
     try {
-      const epochs = new Map([...v.activeSet].map((e) => [e, v.activeEpoch.get(e) ?? 0]));
+      const epochs = new Map([...v.activeSet].filter((e) => !v.releasing.has(e)).map((e) => [e, v.activeEpoch.get(e) ?? 0]));
       for (const e of epochs.keys()) v.closing.add(e);
       const revokedAt = v.fp.removeAllMappings();
       await v.fp.drain(revokedAt);
@@ -808,41 +1233,20 @@ export class Engine implements EngineAdmin, CpApi {
         const r = await diskIo((done) => d.flush(done));
         if (r < 0) {
           await this.diskFailed(id, 'failed', `flush failed (${r}): write-back error`, true);
-          return; // keep the log as it is: the extents stay active
+          return; // keep the extents: they are what a resync must copy
         }
       }
-      await this.exclusive(async () => {
-        let changed = false;
-        for (const [e, epoch] of epochs) {
-          if (v.closing.has(e) && (v.activeEpoch.get(e) ?? 0) === epoch && !v.activePending.has(e)) {
-            v.activeSet.delete(e);
-            v.closing.delete(e);
-            v.activeEpoch.delete(e);
-            changed = true;
-          }
+      for (const [e, epoch] of epochs) {
+        if (v.closing.has(e) && (v.activeEpoch.get(e) ?? 0) === epoch && v.activeSet.has(e) && !v.releasing.has(e)) {
+          v.activeSet.delete(e);
+          v.closing.delete(e);
+          v.activeEpoch.delete(e);
+          this.cluster.unhold(mwLock(v, e));
         }
-        if (changed) await this.persistHeader(v);
-      });
+      }
     } finally {
       v.sweeping = false;
     }
-  }
-
-  /**
-   * After a crash: the extents in a mirrored volume's activity log may have had writes
-   * in flight that reached some sides only. Copy them from the first live side to the
-   * other live sides (the dirty-region resync of RAID and DRBD), then clear the log.
-   */
-  private async reconcile(v: Volume): Promise<void> {
-    if (!isMirrored(v.header.layout) || v.activeSet.size === 0) return;
-    const E = this.root.extentBytes;
-    const started = Date.now();
-    let copied = 0;
-    const extents = [...v.activeSet].sort((a, b) => a - b);
-    for (const e of extents) copied += await this.copyRange(v, e * E, Math.min(E, v.header.sizeBytes - e * E), null);
-    v.activeSet.clear();
-    await this.persistHeader(v);
-    this.log.info({ volume: v.header.name, extents: extents.length, copiedBytes: copied, ms: Date.now() - started }, 'mirror reconciled after restart');
   }
 
   /**
@@ -884,9 +1288,8 @@ export class Engine implements EngineAdmin, CpApi {
     return written;
   }
 
-  /** Write a volume's header chunk with the activity log as it is in memory. */
+  /** Write a volume's header chunk (call with its header oplock held). */
   private persistHeader(v: Volume): Promise<void> {
-    v.header.active = [...v.activeSet].sort((a, b) => a - b);
     return writeVolumeHeader(this.store, v);
   }
 
@@ -900,8 +1303,11 @@ export class Engine implements EngineAdmin, CpApi {
 
   // ── disks and mirror sides ───────────────────────────────────────────────
   /**
-   * A disk stops taking I/O. The state flips and every FP mapping that could reach the
-   * disk is revoked at once, before anything can yield; the metadata follows.
+   * A disk stops taking I/O. The state flips here and every FP mapping that could
+   * reach the disk is revoked at once, before anything can yield; then, under the root
+   * oplock and the header oplocks of the volumes with a side on it, the generation is
+   * bumped and the sides are recorded stale, so every other node revokes, drains and
+   * rereads before it serves those volumes again.
    */
   private async diskFailed(id: string, state: 'failed' | 'offline', reason: string, full = false): Promise<void> {
     const disk = this.disks.get(id);
@@ -912,35 +1318,39 @@ export class Engine implements EngineAdmin, CpApi {
       return;
     }
     disk.state = state;
-    this.root.generation++;
-    const generation = this.root.generation;
-    const touched: Volume[] = [];
-    for (const v of this.volumes.values()) {
-      if (!this.volumeDisks(v).includes(id)) continue;
-      v.fp.removeAllMappings();
-      v.resyncing.delete(id);
-      if ((v.header.layout === 'mirrored' || v.header.layout === 'striped-mirrored') && !v.header.stale.some((s) => s.disk === id)) {
-        v.header.stale.push({ disk: id, sinceGeneration: generation });
-        // A flush failure: writes since the disk's last good flush may be lost, and they
-        // all went to extents still in the activity log (an extent leaves it only after
-        // a successful flush): those are the ones to resync.
-        if (full) for (const e of v.activeSet) v.age.set(e, generation);
-        touched.push(v);
+    const affected = [...this.volumes.values()].filter((v) => this.volumeDisks(v).includes(id));
+    for (const v of affected) v.fp.removeAllMappings();
+    const touched: string[] = [];
+    await this.withRoot(async () => {
+      // The reread root may say the disk is online (we flipped it only here): it is not.
+      this.disks.get(id)!.state = state;
+      this.root.generation++;
+      const generation = this.root.generation;
+      for (const v of affected) {
+        if (v.gone) continue;
+        v.resyncing.delete(id);
+        v.header.stale = v.header.stale.map((s) => (s.disk === id ? { disk: s.disk, sinceGeneration: s.sinceGeneration } : s));
+        if (isMirrored(v.header.layout) && !v.header.stale.some((s) => s.disk === id)) {
+          v.header.stale.push({ disk: id, sinceGeneration: generation });
+          // A flush failure: writes since the disk's last good flush may be lost; they all
+          // went to extents this node still holds (released only after a good flush).
+          if (full) for (const e of v.activeSet) v.age.set(e, generation);
+          touched.push(v.header.name);
+        }
+        await this.persistHeader(v);
       }
-    }
-    this.log.warn({ disk: id, state, reason, generation, volumes: touched.map((v) => v.header.name) }, state === 'failed' ? 'disk failed, mirror degraded' : 'disk offline, mirror degraded');
-    await this.exclusive(async () => {
-      for (const v of touched) await this.persistHeader(v);
       await this.commitRoot();
-    });
+      this.log.warn({ disk: id, state, reason, generation, volumes: touched }, state === 'failed' ? 'disk failed, mirror degraded' : 'disk offline, mirror degraded');
+    }, affected);
   }
 
-  /** Writes to `id` since its last good flush may be lost: resync its sides of every active extent. */
+  /** Writes to `id` since its last good flush may be lost: resync its sides of every extent this node holds. */
   private async ageActiveExtents(id: string): Promise<void> {
-    await this.exclusive(async () => {
-      for (const v of this.volumes.values()) {
+    for (const v of [...this.volumes.values()]) {
+      if (v.activeSet.size === 0 || !v.header.stale.some((x) => x.disk === id)) continue;
+      await this.withVolumes([v], false, async () => {
         const stale = v.header.stale.find((x) => x.disk === id);
-        if (!stale) continue;
+        if (!stale) return;
         let changed = false;
         for (const e of v.activeSet) {
           if ((v.age.get(e) ?? 0) < stale.sinceGeneration) {
@@ -949,8 +1359,8 @@ export class Engine implements EngineAdmin, CpApi {
           }
         }
         if (changed) await this.persistHeader(v);
-      }
-    });
+      });
+    }
   }
 
   /** CP API: a FLUSH found disks that cannot make writes durable. */
@@ -1016,8 +1426,10 @@ export class Engine implements EngineAdmin, CpApi {
       await diskIo((done) => d.file.flush(done));
       const r = await diskIo((done) => d.file.flush(done));
       if (r < 0) throw new AdminError('EIO', `disk ${id} still fails to flush (${r}); it stays ${d.state}`);
-      d.state = 'online';
-      await this.exclusive(() => this.commitRoot());
+      await this.withRoot(async () => {
+        d.state = 'online';
+        await this.commitRoot();
+      });
       this.log.info({ disk: id }, 'disk online');
     }
     return this.startResync(id);
@@ -1048,16 +1460,22 @@ export class Engine implements EngineAdmin, CpApi {
     const E = this.root.extentBytes;
     const started = Date.now();
     const plan: { v: Volume; extents: number[]; since: number }[] = [];
-    for (const v of vols) {
-      const stale = v.header.stale.find((s) => s.disk === disk)!;
-      const since = stale.sinceGeneration;
-      const extents = [...v.age.entries()].filter(([, g]) => g >= since).map(([e]) => e).sort((a, b) => a - b);
-      plan.push({ v, extents, since });
-      // The side takes writes from now on, but no reads until it has caught up.
-      v.resyncing.add(disk);
-      const revokedAt = v.fp.removeAllMappings();
-      await v.fp.drain(revokedAt);
-    }
+    // The side takes writes from now on (on every node: the state is in the headers,
+    // changed under their oplocks), but no reads until it has caught up.
+    await this.withVolumes(vols, true, async () => {
+      for (const v of vols) {
+        const stale = v.header.stale.find((s) => s.disk === disk);
+        if (!stale || v.gone) continue;
+        const since = stale.sinceGeneration;
+        const extents = [...v.age.entries()].filter(([, g]) => g >= since).map(([e]) => e).sort((a, b) => a - b);
+        plan.push({ v, extents, since });
+        stale.resyncing = true;
+        v.resyncing.add(disk);
+        await this.persistHeader(v);
+        const revokedAt = v.fp.removeAllMappings();
+        await v.fp.drain(revokedAt);
+      }
+    });
     task.info.totalBytes = plan.reduce((a, p) => a + p.extents.length * E, 0);
     let dirtiedBytes = 0;
     for (const { v, extents } of plan) {
@@ -1071,13 +1489,14 @@ export class Engine implements EngineAdmin, CpApi {
         task.info.percent = task.info.totalBytes === 0 ? 100 : Math.round((task.info.doneBytes / task.info.totalBytes) * 1000) / 10;
       }
     }
-    await this.exclusive(async () => {
+    await this.withVolumes(plan.map((p) => p.v).filter((v) => !v.gone), true, async () => {
       for (const { v } of plan) {
+        if (v.gone) continue;
         v.header.stale = v.header.stale.filter((s) => s.disk !== disk);
         v.resyncing.delete(disk);
         if (v.header.stale.length === 0) v.age.clear();
         await this.persistHeader(v);
-        v.fp.removeAllMappings(); // unrestrictive: the side becomes readable
+        v.fp.removeAllMappings(); // the side becomes readable
       }
     });
     task.info.state = 'done';
@@ -1090,6 +1509,10 @@ export class Engine implements EngineAdmin, CpApi {
   private async copyExtent(v: Volume, e: number, disk: string): Promise<void> {
     const E = this.root.extentBytes;
     let release!: () => void;
+    const prev = v.copying.get(e);
+    if (prev) await prev;
+    // Holding the extent's mirror-write oplock keeps every other node's writes out of it.
+    await this.holdExtent(v, e);
     v.copying.set(e, new Promise<void>((r) => (release = r)));
     try {
       const revokedAt = v.fp.removeMapping(e * E, E);
@@ -1139,14 +1562,34 @@ export class Engine implements EngineAdmin, CpApi {
   }
 
   status(): NodeStatus {
+    const cs = this.cluster.status();
+    const self: NodeInfo = {
+      ...(this.nodeInfo ?? { id: this.nodeId, pid: process.pid, state: 'booting', nbd: { host: '', port: 0 }, admin: { host: '', port: 0 }, startedAt: null }),
+      boot: cs.boot, oplocks: cs.oplocks, journalRecords: cs.journalRecords,
+    };
+    const nodes: NodeInfo[] = [self];
+    for (const m of cs.members) {
+      const c = this.config.nodes.find((n) => n.id === m.id);
+      nodes.push({
+        id: m.id, pid: null, state: m.state === 'up' ? 'joined' : m.state, nbd: c?.nbd ?? { host: '', port: 0 }, admin: c?.admin ?? { host: '', port: 0 },
+        mesh: c?.mesh, startedAt: null, evictions: m.evictions,
+      });
+    }
+    nodes.sort((a, b) => a.id - b.id);
+    const exporting = nodes.filter((n) => n.state === 'online' || n.state === 'joined').map((n) => n.id);
     return {
-      nodes: this.nodeInfo ? [this.nodeInfo] : [],
-      volumes: this.listVolumes(),
+      nodes,
+      cluster: {
+        evictor: cs.evictor, quorum: cs.quorum, recovery: { ...this.recovery },
+        messages: { sent: cs.stats.messagesSent, received: cs.stats.messagesReceived, rejected: cs.stats.rejected }, paused: this.pausedOps(),
+      },
+      volumes: this.listVolumes().map((v) => ({ ...v, nodes: exporting })),
       disks: this.listDisks(),
       tasks: this.tasks.map((t) => t.info),
       metadata: { path: this.config.metadata.path, chunkCount: this.store.chunkCount, chunksUsed: this.usedChunks().size, chunkBytes: this.store.chunkBytes },
     };
   }
+
 }
 
 function descriptorFor(shape: { layout: Layout; copies: number; stripeBytes: number; columns: number }, p: Placement[]): StorageDescriptor {
@@ -1167,4 +1610,59 @@ function descriptorFor(shape: { layout: Layout; copies: number; stripeBytes: num
 
 function diskIo(f: (done: IoDone) => void): Promise<number> {
   return new Promise((resolve) => f(resolve));
+}
+
+/**
+ * Open (or, first of all the nodes, create and format) the shared metadata area. The
+ * node that creates `<path>.formatting` exclusively formats and writes the root; the
+ * others wait for it to finish.
+ */
+async function openMetadataArea(config: Config, log: Logger): Promise<{ dev: FileMetaDevice; store: ChunkStore }> {
+  const file = config.metadata.path;
+  const lockFile = `${file}.formatting`;
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    if (!fs.existsSync(file)) {
+      fs.mkdirSync(path.dirname(file), { recursive: true });
+      let formatter = false;
+      try {
+        fs.closeSync(fs.openSync(lockFile, 'wx'));
+        formatter = true;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        // A formatter that died leaves its lock behind: take over after a while.
+        try {
+          if (Date.now() - fs.statSync(lockFile).mtimeMs > 30_000) fs.rmSync(lockFile, { force: true });
+        } catch { /* gone meanwhile */ }
+      }
+      if (formatter) {
+        try {
+          const dev = await FileMetaDevice.open(file, { sizeBytes: config.metadata.sizeBytes, create: true });
+          const store = await ChunkStore.format(dev, {});
+          store.shared = true;
+          const root: RootRecord = {
+            format: METADATA_FORMAT, extentBytes: config.extentBytes, generation: 1,
+            disks: config.disks.map((d) => ({ id: d.id, state: 'online' as const })), volumes: [],
+          };
+          await store.writeChunk(ROOT_CHUNK, root);
+          log.info({ path: file, chunks: store.chunkCount }, 'metadata area formatted');
+          return { dev, store };
+        } finally {
+          fs.rmSync(lockFile, { force: true });
+        }
+      }
+    } else if (!fs.existsSync(lockFile)) {
+      const dev = await FileMetaDevice.open(file, {});
+      try {
+        const store = await ChunkStore.open(dev);
+        store.shared = true;
+        return { dev, store };
+      } catch (e) {
+        await dev.close().catch(() => {});
+        throw new Error(`metadata area ${file}: ${(e as Error).message}`);
+      }
+    }
+    if (Date.now() > deadline) throw new Error(`metadata area ${file}: another node has been formatting it for a minute (${lockFile}); remove that file if no node is running`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }

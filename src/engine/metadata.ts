@@ -22,8 +22,17 @@ import type { ChunkStore } from '../meta/chunk-store.js';
 import type { Layout } from './admin-api.js';
 import type { JournalRegion } from '../journal/write-journal.js';
 
-export const METADATA_FORMAT = 1;
+export const METADATA_FORMAT = 2;
 export const ROOT_CHUNK = 0;
+/** Chunks 1..64: one journal per node id 0..63 (boot count, non-volatile oplock records). */
+export const MAX_NODES = 64;
+export function nodeJournalChunk(node: number): number {
+  return 1 + node;
+}
+/** Volume headers and rmap chunks start here. */
+export const FIRST_VOLUME_CHUNK = 1 + MAX_NODES;
+/** Smallest metadata area (in chunks) dve accepts: the node journals and room for volumes. */
+export const MIN_CHUNKS = FIRST_VOLUME_CHUNK + 16;
 /** Volume space covered by one rmap chunk. */
 export const RMAP_CHUNK_SPAN_BYTES = 4 * 1024 ** 3;
 
@@ -46,7 +55,7 @@ export interface VolumeHeader {
   vsegs: { startBytes: number; lengthBytes: number; redirects: RedirectTableJSON }[];
   rmapChunks: number[];
   /** Disks whose mirror sides missed writes since `sinceGeneration`; `resyncing` once catching up. */
-  stale: { disk: string; sinceGeneration: number }[];
+  stale: { disk: string; sinceGeneration: number; resyncing?: boolean }[];
   /**
    * Activity log (like DRBD's): allocation extents of a mirrored volume that may have
    * writes in flight. A write to an extent not in it faults once and the CP adds the

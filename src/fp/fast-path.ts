@@ -63,6 +63,8 @@ class Pending implements UpstreamIo {
   journalPending = false;
   dataDone = false;
   dataResult = 0;
+  /** Held by the CP waiting for metadata or locks: not using any mapping, so drains skip it. */
+  parked = false;
   /** The placement of a single downstream I/O (remap / stripe / mirror read). */
   placement = 0;
   /** Write-split: the placement of each side written, by call order. */
@@ -181,6 +183,7 @@ export class FastPath implements Backend, FpApi {
     p.journalPending = false;
     p.dataDone = false;
     p.dataResult = 0;
+    p.parked = false;
     this.pending.add(p);
     if (forceFault >= 0) return this.fault(p, forceFault as FaultClass);
     this.dispatch(p, true);
@@ -444,11 +447,33 @@ export class FastPath implements Backend, FpApi {
     const out: PendingIo[] = [];
     const end = startBytes + lengthBytes;
     for (const p of this.pending) {
-      if (p.receivedUs <= beforeUs && p.offsetBytes < end && startBytes < p.offsetBytes + p.lengthBytes) {
+      if (!p.parked && p.receivedUs <= beforeUs && p.offsetBytes < end && startBytes < p.offsetBytes + p.lengthBytes) {
         out.push({ id: p.id, op: p.op, offsetBytes: p.offsetBytes, lengthBytes: p.lengthBytes, receivedUs: p.receivedUs });
       }
     }
     return out;
+  }
+
+  /** Another write-like request, not parked, overlaps `io` (the CP orders overlapping mirrored writes). */
+  overlapsActiveWrite(io: UpstreamIo): boolean {
+    const end = io.offsetBytes + io.lengthBytes;
+    for (const q of this.pending) {
+      if (q !== io && !q.parked && q.op !== UpstreamOp.READ && q.op !== UpstreamOp.FLUSH && q.offsetBytes < end && io.offsetBytes < q.offsetBytes + q.lengthBytes) return true;
+    }
+    return false;
+  }
+
+  /**
+   * The CP holds `io` while it waits for metadata or locks (a revocation must not wait
+   * for it: it uses no mapping yet). Unparking gives it a new receive time: from then
+   * on it uses the metadata as it is now, and a later revocation drains it.
+   */
+  park(io: UpstreamIo, parked: boolean): void {
+    const p = io as Pending;
+    if (!this.pending.has(p) || p.parked === parked) return;
+    p.parked = parked;
+    if (parked) this.checkDrains();
+    else p.receivedUs = nowUs();
   }
 
   drain(beforeUs: number, startBytes = 0, lengthBytes = Number.MAX_SAFE_INTEGER): Promise<void> {

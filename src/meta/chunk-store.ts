@@ -290,6 +290,12 @@ export class ChunkStore {
   private readonly known = new Map<number, [CopyState, CopyState]>();
   /** Tail of each chunk's operation queue. */
   private readonly tails = new Map<number, Promise<void>>();
+  /**
+   * Other processes write this area too (a cluster's shared metadata, each chunk under
+   * its oplock): what this store remembers of a chunk may be stale, so every write
+   * first rereads both copies to find the older one.
+   */
+  shared = false;
 
   private constructor(
     readonly device: MetaDevice,
@@ -460,7 +466,7 @@ export class ChunkStore {
       );
     }
     return this.enqueue(id, async () => {
-      let copies = this.known.get(id);
+      let copies = this.shared ? undefined : this.known.get(id);
       if (!copies) copies = (await this.load(id)).copies;
       const [a, b] = copies;
       let target: 0 | 1;

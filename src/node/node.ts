@@ -5,9 +5,15 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { embeddedDefault, type Config, type NodeConfig } from '../config/config.js';
 import { Engine } from '../engine/engine.js';
+import { Mesh } from '../../cluster/mesh.js';
+import { Coordinator } from '../../cluster/coordinator.js';
+import type { NodeInfo, NodeStatus } from '../engine/admin-api.js';
+import { SyncDriver } from '../../cluster/sync-driver.js';
+import { IoPauseCoordinator } from '../../cluster/io-pause.js';
 import { NbdServer } from '../../nbd/server.js';
 import { startAdminServer, type AdminServer } from '../admin/server.js';
 import { removeNodeFile, writeNodeFile } from '../admin/node-file.js';
@@ -18,8 +24,12 @@ export interface NodeOptions {
   nodeId: number;
   stateDir: string;
   log: Logger;
-  /** Volumes to create on first boot (no volumes yet). */
+  /** Volumes to create on first boot (no volumes yet; the lowest node id creates them). */
   firstBootVolumes?: VolumeCreateRequest[];
+  /** Create `cluster.secretFile` with a random secret if it is missing (the embedded default). */
+  createSecret?: boolean;
+  /** The cluster evicted this node (default: log and exit with status 3, so a supervisor restarts it). */
+  onEvicted?: () => void;
 }
 
 export interface RunningNode {
@@ -39,20 +49,98 @@ export function nodeConfig(config: Config, id: number): NodeConfig {
   return n;
 }
 
+/** The mesh secret: from the configuration, or its secret file (created when asked to). */
+export function clusterSecret(config: Config, create: boolean): string {
+  if (config.cluster.secret) return config.cluster.secret;
+  const file = config.cluster.secretFile;
+  if (!file) throw new Error('a cluster of more than one node needs cluster.secret or cluster.secretFile in the configuration');
+  if (create && !fs.existsSync(file)) {
+    fs.mkdirSync(path.dirname(file), { recursive: true });
+    try {
+      fs.writeFileSync(file, randomBytes(32).toString('hex') + '\n', { flag: 'wx', mode: 0o600 });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+  }
+  let secret: string;
+  try {
+    secret = fs.readFileSync(file, 'utf8').trim();
+  } catch (e) {
+    throw new Error(`cluster.secretFile ${file}: ${(e as Error).message}`);
+  }
+  if (secret.length < 16) throw new Error(`cluster.secretFile ${file}: the secret must be at least 16 characters`);
+  return secret;
+}
+
 export async function startNode(o: NodeOptions): Promise<RunningNode> {
   const me = nodeConfig(o.config, o.nodeId);
   const log = o.log.child({ node: o.nodeId });
   fs.mkdirSync(o.stateDir, { recursive: true });
-  const engine = await Engine.open({ config: o.config, nodeId: o.nodeId, log });
-  if (o.firstBootVolumes && engine.listVolumes().length === 0) {
-    for (const req of o.firstBootVolumes) await engine.createVolume(req);
+  const peers = o.config.nodes.filter((n) => n.id !== o.nodeId);
+  let mesh: Mesh | null = null;
+  if (peers.length > 0) {
+    mesh = new Mesh({
+      nodeId: o.nodeId, secret: clusterSecret(o.config, o.createSecret ?? false), listen: me.mesh,
+      peers: peers.map((p) => ({ id: p.id, endpoint: p.mesh })), log,
+      heartbeatMs: o.config.cluster.heartbeatMs, peerTimeoutMs: o.config.cluster.peerTimeoutMs,
+      // A restarted peer should be found well within the boot grace.
+      reconnectMaxMs: Math.max(200, Math.min(5000, Math.floor(o.config.cluster.peerTimeoutMs / 2))),
+    });
+    await mesh.start();
+  }
+  const theMesh = mesh;
+  let engine: Engine;
+  try {
+    engine = await Engine.open({
+      config: o.config, nodeId: o.nodeId, log,
+      cluster: (journals) => new Coordinator({
+        nodeId: o.nodeId, peers: o.config.nodes.map((n) => n.id), mesh: theMesh, journals, log, ackTimeoutMs: o.config.cluster.peerTimeoutMs,
+      }),
+    });
+  } catch (e) {
+    await mesh?.stop();
+    throw e;
+  }
+  engine.onSelfEvicted = o.onEvicted ?? (() => {
+    log.fatal('evicted by the cluster: exiting (status 3); restart the node to rejoin');
+    setTimeout(() => process.exit(3), 200).unref();
+  });
+  const lowest = Math.min(...o.config.nodes.map((n) => n.id));
+  if (o.firstBootVolumes && o.nodeId === lowest && engine.listVolumes().length === 0) {
+    for (const req of o.firstBootVolumes) {
+      try {
+        await engine.createVolume(req);
+      } catch (e) {
+        log.warn({ volume: req.name, err: (e as Error).message }, 'first-boot volume not created');
+      }
+    }
+  }
+  let pauser: IoPauseCoordinator | null = null;
+  let sync: SyncDriver | null = null;
+  if (mesh) {
+    // Group operations pause I/O on every live node at a synchronization point (seed 000).
+    sync = new SyncDriver({ transport: mesh, peers: () => engine.cluster.livePeers(), log });
+    const p = new IoPauseCoordinator({
+      transport: mesh, sync, log,
+      hooks: { pause: (v) => engine.pauseVolumes(v), resume: (v) => engine.resumeVolumes(v) },
+      members: () => [o.nodeId, ...engine.cluster.livePeers()],
+    });
+    pauser = p;
+    engine.groupPause = (volumes, timeoutMs, fn) => p.withPaused(volumes, timeoutMs, fn);
+    engine.pausedOps = () => p.active();
+    // Peers ask for this node's view when an operator runs `dve status` against them.
+    mesh.on('message', (peer, type, _body, c) => {
+      if (type !== 'status' || c === 0) return;
+      const self = engine.status().nodes.find((n) => n.id === o.nodeId);
+      theMesh!.reply(peer, c, self ?? null);
+    });
   }
   const server = new NbdServer(engine.exports, log);
   let admin: AdminServer | null = null;
   try {
     const { port } = await server.listen({ port: me.nbd.port, host: me.nbd.host });
     const nbdPort = port!;
-    admin = await startAdminServer(engine, me.admin, log);
+    admin = await startAdminServer(clusterAdmin(engine, mesh), me.admin, log);
     const host = me.nbd.host === '0.0.0.0' ? '127.0.0.1' : me.nbd.host;
     const uriBase = `nbd://${host.includes(':') ? `[${host}]` : host}:${nbdPort}`;
     engine.uriBases = [uriBase];
@@ -72,18 +160,48 @@ export async function startNode(o: NodeOptions): Promise<RunningNode> {
         removeNodeFile(o.stateDir, o.nodeId);
         await adminServer.close();
         await server.close();
+        pauser?.close();
+        sync?.close();
         await engine.close();
+        await theMesh?.stop();
       })()),
     };
   } catch (e) {
     await admin?.close();
     await server.close();
     await engine.close();
+    await mesh?.stop();
     throw e;
   }
 }
 
+/** The engine's admin API, with `status` gathering each live peer's own view of itself over the mesh. */
+function clusterAdmin(engine: Engine, mesh: Mesh | null): Engine {
+  if (!mesh) return engine;
+  return new Proxy(engine, {
+    get(target, prop, receiver) {
+      if (prop !== 'status') {
+        const v = Reflect.get(target, prop, receiver) as unknown;
+        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+      }
+      return async (): Promise<NodeStatus> => {
+        const s = target.status();
+        await Promise.all(s.nodes.map(async (n, i) => {
+          if (n.state !== 'joined') return;
+          try {
+            const peer = (await mesh.request(n.id, 'status', {}, 1000)) as NodeInfo | null;
+            if (peer && typeof peer === 'object' && peer.id === n.id) s.nodes[i] = { ...n, ...peer, state: 'joined', evictions: n.evictions };
+          } catch {
+            // A peer that does not answer keeps the entry the membership gives.
+          }
+        }));
+        return s;
+      };
+    },
+  });
+}
+
 /** The configuration `dve up` uses without --config: the embedded default under the state directory. */
-export function defaultConfig(stateDir: string, nbdPort: number): Config {
-  return embeddedDefault(path.resolve(stateDir), { nodes: 1, basePort: nbdPort });
+export function defaultConfig(stateDir: string, nbdPort: number, nodes = 3): Config {
+  return embeddedDefault(path.resolve(stateDir), { nodes, basePort: nbdPort });
 }

@@ -128,31 +128,4 @@ test('serve: SIGKILL loses no acknowledged write', async (t) => {
   t.is(r.code, 0, r.stdout + r.stderr);
 });
 
-test('up --detach serves the default volume in the background; down stops it', async (t) => {
-  const dir = tempDir(t);
-  const up = await dve(['up', '--state-dir', dir, '--port', '0', '--detach'], 30);
-  t.is(up.code, 0, up.stderr);
-  t.regex(up.stdout, /running in the background \(pid \d+\)/);
-  const pid = Number(fs.readFileSync(path.join(dir, 'dve.pid'), 'utf8'));
-  t.teardown(() => {
-    try { process.kill(pid, 'SIGKILL'); } catch { /* already gone */ }
-  });
-  let log = '';
-  for (let i = 0; i < 50 && !/nbd:\/\/127\.0\.0\.1:\d+\/default/.test(log); i++) {
-    await new Promise((r) => setTimeout(r, 100));
-    log = fs.readFileSync(path.join(dir, 'dve.log'), 'utf8');
-  }
-  const uri = /nbd:\/\/127\.0\.0\.1:\d+\/default/.exec(log)![0];
-  const info = await nbdinfoJson(uri);
-  t.is(info.exports[0]['export-size'], 1024 ** 3);
-  const again = await dve(['up', '--state-dir', dir, '--port', '0']);
-  t.is(again.code, 1);
-  t.regex(again.stderr, /already running/);
-  const down = await dve(['down', '--state-dir', dir], 40);
-  t.is(down.code, 0, down.stderr);
-  t.regex(down.stdout, new RegExp(`stopped pid ${pid}`));
-  t.false(fs.existsSync(path.join(dir, 'dve.pid')));
-  const none = await dve(['down', '--state-dir', dir]);
-  t.is(none.code, 1);
-  t.regex(none.stderr, /nothing is running/);
-});
+// `dve up` / `dve down` (the main job: a process per node) are covered in cluster-cli.test.ts.

@@ -21,7 +21,7 @@ function config(dir: string) {
   return validateConfig({
     nodes: [{ id: 1, nbd: '127.0.0.1:0', admin: '127.0.0.1:0', mesh: '127.0.0.1:0' }],
     disks: [{ id: 'd1', path: 'd1.img', size: '64M' }, { id: 'd2', path: 'd2.img', size: '64M' }],
-    metadata: { path: 'meta.img', size: '4M' },
+    metadata: { path: 'meta.img', size: '16M' },
     extentSize: '1M',
   }, 'test', dir);
 }

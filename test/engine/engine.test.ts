@@ -20,7 +20,7 @@ function makeConfig(dir: string, disks = 4, diskSize = '256M'): Config {
   return validateConfig({
     nodes: [{ id: 1, nbd: '127.0.0.1:0', admin: '127.0.0.1:0', mesh: '127.0.0.1:0' }],
     disks: Array.from({ length: disks }, (_, i) => ({ id: `d${i + 1}`, path: `d${i + 1}.img`, size: diskSize })),
-    metadata: { path: 'meta.img', size: '8M' },
+    metadata: { path: 'meta.img', size: '16M' },
     extentSize: '1M',
   }, 'test', dir);
 }
@@ -106,14 +106,14 @@ test('a corrupted metadata chunk is detected and reported, never used', async (t
   const { engine, dir } = await open(t);
   await engine.createVolume({ name: 'x', sizeBytes: 2 * MiB, layout: 'linear' });
   await engine.close();
-  // Chunk 1 holds the volume header: damage both of its copies.
+  // Chunk 65 (the first after the 64 node journals) holds the volume header: damage both of its copies.
   const meta = path.join(dir, 'meta.img');
   const fd = fs.openSync(meta, 'r+');
   const chunkBytes = 65536;
-  for (const copy of [0, 1]) fs.writeSync(fd, Buffer.alloc(64, 0x5a), 0, 64, 8192 + (2 * 1 + copy) * chunkBytes + 40);
+  for (const copy of [0, 1]) fs.writeSync(fd, Buffer.alloc(64, 0x5a), 0, 64, 8192 + (2 * 65 + copy) * chunkBytes + 40);
   fs.closeSync(fd);
   const err = await t.throwsAsync(Engine.open({ config: makeConfig(dir), nodeId: 1, log }));
-  t.regex(err!.message, /chunk 1/);
+  t.regex(err!.message, /chunk 65/);
 });
 
 test('wrong input gets an error naming the problem and changes nothing', async (t) => {

@@ -571,8 +571,8 @@ test('cli: volume list / show / status print tables, --json prints the objects',
   await client.onlineDisk('d3');
   r = await dve(['status', '--state-dir', dir]);
   t.is(r.code, 0, r.stderr);
-  t.regex(r.stdout, /NODES\nID\s+PID\s+STATE\s+NBD\s+ADMIN\s+STARTED\n1\s+\d+\s+online\s+127\.0\.0\.1:10809\s+127\.0\.0\.1:\d+/);
-  t.regex(r.stdout, /VOLUMES\nNAME\s+SIZE\s+LAYOUT\s+STATE\s+FP SHARE\s+FAULTS\nv1\s+1 GiB\s+mirrored\s+ok\s+99\.5%\s+5/);
+  t.regex(r.stdout, /NODES\nID\s+PID\s+STATE\s+NBD\s+ADMIN\s+BOOT\s+OPLOCKS\s+JOURNAL\s+STARTED\n1\s+\d+\s+online\s+127\.0\.0\.1:10809\s+127\.0\.0\.1:\d+/);
+  t.regex(r.stdout, /VOLUMES\nNAME\s+SIZE\s+LAYOUT\s+STATE\s+NODES\s+FP SHARE\s+FAULTS\nv1\s+1 GiB\s+mirrored\s+ok\s+-\s+99\.5%\s+5/);
   t.regex(r.stdout, /DISKS\nID\s+STATE\s+FREE\s+TOTAL\s+USED\s+EXTENTS\nd1\s+online\s+4 GiB\s+4 GiB\s+0%\s+0\/1024/);
   t.regex(r.stdout, /TASKS\nKIND\s+TARGET\s+STATE\s+PERCENT\s+RATE\nresync\s+disk d3\s+running\s+25%\s+100 MiB\/s/);
   t.regex(r.stdout, /METADATA\n\/var\/lib\/dve\/meta\.img: 3 of 1024 chunks used \(64 KiB each\)/);

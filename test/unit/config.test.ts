@@ -67,7 +67,7 @@ extentSize: 3M
   has(/^disks\[0\]\.size: "12 parsecs" is not a size/);
   has(/^disks\[1\]\.colour: unknown field/);
   has(/^disks\[1\]\.path: "a\.img" is used by another disk/);
-  has(/^metadata\.size: "1K" must be at least 1M/);
+  has(/^metadata\.size: "1K" must be at least 16M/);
   has(/^extentSize: "3M" must be a power of two/);
 });
 

@@ -1,0 +1,471 @@
+/**
+ * The main job as a set of processes, as a user drives it from the command line:
+ * `dve up` starts every node of the configuration (in the background with --detach, or
+ * supervised in the foreground), `dve down` stops them all, `dve node start|stop|kill`
+ * handles one node (failover drills), and bad arguments are refused with the argument
+ * named.
+ *
+ * Each test writes its own configuration: two nodes on loopback with fixed free ports
+ * (mesh peers must know each other's ports), small sparse disks. The node processes are
+ * started by the CLI in their own sessions, so `timeout` does not reach them: every test
+ * SIGKILLs whatever its state directory's pid files name when it ends, and the worker
+ * does the same for every node pid it saw if it exits early.
+ */
+import test, { type ExecutionContext } from 'ava';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { exitStatus, run, sleep, tempDir, describeResult, type RunResult } from '../helpers/exec.js';
+import { CleanupStack } from '../helpers/cleanup.js';
+import { REPO_ROOT } from '../helpers/server.js';
+import { nbdinfoJson } from '../helpers/clients.js';
+import { processAlive } from '../../src/util/process.js';
+
+const DVE = path.join(REPO_ROOT, 'bin/dve.js');
+
+function dve(args: string[], timeoutSec = 90): Promise<RunResult> {
+  return run(process.execPath, [DVE, ...args], { timeoutSec });
+}
+
+test.before(() => {
+  if (!fs.existsSync(path.join(REPO_ROOT, 'dist/src/cli/main.js'))) {
+    throw new Error('dist/src/cli/main.js is missing: build first (npx tsc -p tsconfig.json)');
+  }
+});
+
+// ---------------------------------------------------------------- processes left behind
+
+const seenPids = new Set<number>();
+function killQuietly(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    /* gone */
+  }
+}
+process.on('exit', () => {
+  for (const pid of seenPids) killQuietly(pid);
+});
+
+function pidsIn(stateDir: string): number[] {
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(stateDir);
+  } catch {
+    return [];
+  }
+  return names
+    .filter((n) => /^node-\d+\.pid$/.test(n) || n === 'dve.pid')
+    .map((n) => Number(fs.readFileSync(path.join(stateDir, n), 'utf8').trim()))
+    .filter((p) => Number.isInteger(p) && p > 0);
+}
+
+/** A cleanup stack that SIGKILLs every process the state directory's pid files name, and every pid seen. */
+function guard(t: ExecutionContext, stateDir: string): CleanupStack {
+  const cleanup = new CleanupStack(t);
+  cleanup.push(`kill the processes of ${stateDir}`, async () => {
+    const pids = new Set([...pidsIn(stateDir), ...seenPids]);
+    for (const pid of pids) killQuietly(pid);
+    for (const pid of pids) {
+      for (let i = 0; i < 100 && processAlive(pid); i++) await sleep(20);
+    }
+  });
+  return cleanup;
+}
+
+function notePids(r: RunResult): void {
+  for (const m of r.stdout.matchAll(/\(pid (\d+)\)/g)) seenPids.add(Number(m[1]));
+}
+
+function readPidFile(file: string): number | null {
+  try {
+    return Number(fs.readFileSync(file, 'utf8').trim());
+  } catch {
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------- configuration
+
+/** `count` distinct ports that were free on 127.0.0.1 a moment ago. */
+async function freePorts(count: number): Promise<number[]> {
+  const servers: net.Server[] = [];
+  try {
+    for (let i = 0; i < count; i++) {
+      const s = net.createServer();
+      await new Promise<void>((resolve, reject) => {
+        s.once('error', reject);
+        s.listen(0, '127.0.0.1', () => resolve());
+      });
+      servers.push(s);
+    }
+    return servers.map((s) => (s.address() as net.AddressInfo).port);
+  } finally {
+    await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  }
+}
+
+interface Cluster {
+  config: string;
+  stateDir: string;
+  nodes: { id: number; nbd: number; admin: number; mesh: number }[];
+}
+
+/** DIR/dve.yaml: `count` nodes (ids 1…count) on loopback with fixed free ports, two 256 MiB sparse disks. */
+async function writeClusterConfig(dir: string, count = 2): Promise<Cluster> {
+  const ports = await freePorts(3 * count);
+  const nodes = Array.from({ length: count }, (_, i) => ({ id: i + 1, nbd: ports[3 * i]!, admin: ports[3 * i + 1]!, mesh: ports[3 * i + 2]! }));
+  const config = path.join(dir, 'dve.yaml');
+  fs.writeFileSync(config, [
+    `cluster: { name: cli-test, secret: ${JSON.stringify(`cli-test-secret-${process.pid}-${Date.now()}`)} }`,
+    'nodes:',
+    ...nodes.map((n) => `  - { id: ${n.id}, nbd: "127.0.0.1:${n.nbd}", admin: "127.0.0.1:${n.admin}", mesh: "127.0.0.1:${n.mesh}" }`),
+    'disks:',
+    '  - { id: d1, path: disks/d1.img, size: 256M }',
+    '  - { id: d2, path: disks/d2.img, size: 256M }',
+    'metadata: { path: meta.img, size: 16M }',
+    'extentSize: 4M',
+    '',
+  ].join('\n'));
+  return { config, stateDir: path.join(dir, 'state'), nodes };
+}
+
+/**
+ * Formats the metadata area and creates the disk files with one node, alone. Until the
+ * nodes of a configuration coordinate, two of them starting at once on fresh files
+ * would race to format the same metadata area.
+ */
+async function initialize(t: ExecutionContext, c: Cluster): Promise<void> {
+  const start = await dve(['node', 'start', '--id', '1', '--detach', '--config', c.config, '--state-dir', c.stateDir, '--log-level', 'warn']);
+  notePids(start);
+  t.is(start.code, 0, describeResult(start));
+  const stop = await dve(['node', 'stop', '1', '--state-dir', c.stateDir]);
+  t.is(stop.code, 0, describeResult(stop));
+}
+
+/** A foreground `dve up` (the supervisor) under `timeout -s KILL`. */
+function startSupervisor(cleanup: CleanupStack, args: string[], lifetimeSec = 120) {
+  const child = spawn('timeout', ['-s', 'KILL', String(lifetimeSec), process.execPath, DVE, 'up', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (c: Buffer) => (stdout += c.toString()));
+  child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+  let status: number | null = null;
+  const exited = new Promise<number>((resolve) => {
+    child.on('exit', (code, sig) => resolve((status = exitStatus(code, sig))));
+  });
+  cleanup.push('dve up (supervisor)', async () => {
+    if (status === null) child.kill('SIGKILL');
+    await exited;
+  });
+  return {
+    stdout: () => stdout,
+    stderr: () => stderr,
+    status: () => status,
+    exited,
+    async waitFor(re: RegExp, timeoutMs = 60_000): Promise<void> {
+      const deadline = Date.now() + timeoutMs;
+      while (!re.test(stdout + stderr)) {
+        if (status !== null) throw new Error(`dve up exited (${status}) before printing ${re}:\n${stdout}\n${stderr}`);
+        if (Date.now() > deadline) throw new Error(`dve up did not print ${re} within ${timeoutMs} ms:\n${stdout}\n${stderr}`);
+        await sleep(25);
+      }
+      for (const m of stdout.matchAll(/\(pid (\d+)\)/g)) seenPids.add(Number(m[1]));
+    },
+  };
+}
+
+async function waitGone(pid: number, timeoutMs = 10_000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (processAlive(pid)) {
+    if (Date.now() > deadline) return false;
+    await sleep(20);
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- tests
+
+test.serial('up --detach brings up every node of the configuration; down stops them all', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  guard(t, c.stateDir);
+  await initialize(t, c);
+
+  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  notePids(up);
+  t.is(up.code, 0, describeResult(up));
+  const pids = new Map<number, number>();
+  for (const n of c.nodes) {
+    const m = new RegExp(`dve up: node ${n.id} \\(pid (\\d+)\\)  nbd 127\\.0\\.0\\.1:${n.nbd}  admin 127\\.0\\.0\\.1:${n.admin}  log (\\S+)`).exec(up.stdout);
+    t.truthy(m, up.stdout);
+    const pid = Number(m![1]);
+    pids.set(n.id, pid);
+    t.is(m![2], path.join(c.stateDir, `node-${n.id}.log`));
+    t.is(readPidFile(path.join(c.stateDir, `node-${n.id}.pid`)), pid);
+    t.is(JSON.parse(fs.readFileSync(path.join(c.stateDir, `node-${n.id}.json`), 'utf8')).pid, pid);
+    t.true(processAlive(pid));
+  }
+  t.not(pids.get(1), pids.get(2), 'one process per node');
+  t.regex(up.stdout, /2 nodes running in the background/);
+  t.false(fs.existsSync(path.join(c.stateDir, 'dve.pid')), 'no supervisor with --detach');
+
+  const status = await dve(['status', '--json', '--state-dir', c.stateDir]);
+  t.is(status.code, 0, describeResult(status));
+
+  const down = await dve(['down', '--state-dir', c.stateDir]);
+  t.is(down.code, 0, describeResult(down));
+  for (const [id, pid] of pids) {
+    t.regex(down.stdout, new RegExp(`stopped node ${id} \\(pid ${pid}\\)`));
+    t.false(processAlive(pid), `node ${id} is gone`);
+    t.false(fs.existsSync(path.join(c.stateDir, `node-${id}.pid`)), `node-${id}.pid is gone`);
+    t.false(fs.existsSync(path.join(c.stateDir, `node-${id}.json`)), `node-${id}.json is gone`);
+  }
+  const none = await dve(['down', '--state-dir', c.stateDir]);
+  t.is(none.code, 1);
+  t.regex(none.stderr, /nothing is running/);
+});
+
+test.serial('node start --id 2 --detach runs one node; a second start is refused; node stop 2 stops it', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  guard(t, c.stateDir);
+  const start = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  notePids(start);
+  t.is(start.code, 0, describeResult(start));
+  const m = /node 2 running in the background \(pid (\d+)\)/.exec(start.stdout);
+  t.truthy(m, start.stdout);
+  const pid = Number(m![1]);
+  t.regex(start.stdout, new RegExp(`nbd 127\\.0\\.0\\.1:${c.nodes[1]!.nbd}, admin 127\\.0\\.0\\.1:${c.nodes[1]!.admin}`));
+  t.is(readPidFile(path.join(c.stateDir, 'node-2.pid')), pid);
+  t.true(processAlive(pid));
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-1.pid')), 'only node 2 runs');
+  t.regex(fs.readFileSync(path.join(c.stateDir, 'node-2.log'), 'utf8'), new RegExp(`dve node: node 2 \\(pid ${pid}\\)`));
+
+  const again = await dve(['node', 'start', '--id', '2', '--config', c.config, '--state-dir', c.stateDir]);
+  t.is(again.code, 1);
+  t.regex(again.stderr, new RegExp(`node 2 is already running \\(pid ${pid}\\)`));
+
+  const stop = await dve(['node', 'stop', '2', '--state-dir', c.stateDir]);
+  t.is(stop.code, 0, describeResult(stop));
+  t.regex(stop.stdout, new RegExp(`stopped node 2 \\(pid ${pid}\\)`));
+  t.false(processAlive(pid));
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.pid')));
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.json')));
+  t.regex(fs.readFileSync(path.join(c.stateDir, 'node-2.log'), 'utf8'), /"msg":"stopped"/, 'it stopped gracefully');
+});
+
+test.serial('node kill 2 SIGKILLs the node and waits until it is gone', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  guard(t, c.stateDir);
+  const start = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  notePids(start);
+  t.is(start.code, 0, describeResult(start));
+  const pid = readPidFile(path.join(c.stateDir, 'node-2.pid'))!;
+  t.true(processAlive(pid));
+  const kill = await dve(['node', 'kill', '2', '--state-dir', c.stateDir]);
+  t.is(kill.code, 0, describeResult(kill));
+  t.regex(kill.stdout, new RegExp(`killed node 2 \\(pid ${pid}\\)`));
+  t.false(processAlive(pid), 'gone when the command returns');
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.pid')), 'the stale pid file is removed');
+  t.notRegex(fs.readFileSync(path.join(c.stateDir, 'node-2.log'), 'utf8'), /"msg":"stopped"/, 'no graceful stop');
+  // The node can be started again after the drill.
+  const restart = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  notePids(restart);
+  t.is(restart.code, 0, describeResult(restart));
+  const stop = await dve(['node', 'stop', '2', '--state-dir', c.stateDir]);
+  t.is(stop.code, 0, describeResult(stop));
+});
+
+test.serial('node stop / node kill of a node that is not running exit 1 naming it', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  guard(t, c.stateDir);
+  const stop = await dve(['node', 'stop', '9', '--state-dir', c.stateDir]);
+  t.is(stop.code, 1);
+  t.regex(stop.stderr, /dve node stop: node 9 is not running in /);
+  const kill = await dve(['node', 'kill', '9', '--state-dir', c.stateDir]);
+  t.is(kill.code, 1);
+  t.regex(kill.stderr, /dve node kill: node 9 is not running in /);
+  // A stale pid file (its process is gone) is not a running node.
+  fs.mkdirSync(c.stateDir, { recursive: true });
+  fs.writeFileSync(path.join(c.stateDir, 'node-3.pid'), '999999999\n');
+  const stale = await dve(['node', 'stop', '3', '--state-dir', c.stateDir]);
+  t.is(stale.code, 1);
+  t.regex(stale.stderr, /node 3 is not running/);
+});
+
+test.serial('node stop/kill/start refuse a node id that is not an integer from 0 to 63', async (t) => {
+  for (const [cmd, bad] of [['stop', 'abc'], ['kill', '64'], ['stop', '-1'], ['kill', '1.5']] as const) {
+    const r = await dve(['node', cmd, bad]);
+    t.not(r.code, 0, describeResult(r));
+    t.true(r.stderr.includes(`'${bad}'`) && /argument 'id'/.test(r.stderr), r.stderr);
+    t.regex(r.stderr, /not an integer from 0 to 63/);
+  }
+  const start = await dve(['node', 'start', '--id', 'x7']);
+  t.not(start.code, 0);
+  t.regex(start.stderr, /--id.*'x7'.*not an integer from 0 to 63/);
+  const missing = await dve(['node', 'start']);
+  t.not(missing.code, 0);
+  t.regex(missing.stderr, /required option '--id <n>'/);
+});
+
+test.serial('node start of an id the configuration does not list is refused', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  guard(t, c.stateDir);
+  const r = await dve(['node', 'start', '--id', '5', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  t.is(r.code, 1);
+  t.regex(r.stderr, /node 5 is not in the configuration \(nodes: 1, 2\)/);
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-5.pid')));
+});
+
+test.serial('up --port 0 without --config is refused: the nodes must know each other\'s ports', async (t) => {
+  const dir = tempDir(t);
+  const stateDir = path.join(dir, 'state');
+  guard(t, stateDir);
+  for (const args of [['up'], ['up', '--detach'], ['node', 'start', '--id', '1']]) {
+    const r = await dve([...args, '--port', '0', '--state-dir', stateDir]);
+    t.is(r.code, 1, describeResult(r));
+    t.regex(r.stderr, /--port 0 cannot be used for a multi-node cluster; pick a base port/);
+  }
+  t.deepEqual(pidsIn(stateDir), [], 'nothing was started');
+  t.false(fs.existsSync(path.join(stateDir, 'disks')), 'nothing was created');
+});
+
+test.serial('foreground up supervises: a second up is refused, a killed node is reported and not restarted, down stops the rest and the supervisor', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  const cleanup = guard(t, c.stateDir);
+  await initialize(t, c);
+  const sup = startSupervisor(cleanup, ['--config', c.config, '--state-dir', c.stateDir]);
+  await sup.waitFor(/supervising 2 nodes \(pid \d+\)/);
+  const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
+  t.regex(sup.stdout(), new RegExp(`supervising 2 nodes \\(pid ${supPid}\\)`));
+  seenPids.add(supPid);
+  const node1 = readPidFile(path.join(c.stateDir, 'node-1.pid'))!;
+  const node2 = readPidFile(path.join(c.stateDir, 'node-2.pid'))!;
+  t.regex(sup.stdout(), new RegExp(`dve up: node 1 \\(pid ${node1}\\)`));
+  t.regex(sup.stdout(), new RegExp(`dve up: node 2 \\(pid ${node2}\\)`));
+
+  for (const extra of [[], ['--detach']]) {
+    const again = await dve(['up', ...extra, '--config', c.config, '--state-dir', c.stateDir]);
+    t.is(again.code, 1, describeResult(again));
+    t.regex(again.stderr, /already running/);
+  }
+
+  const kill = await dve(['node', 'kill', '2', '--state-dir', c.stateDir]);
+  t.is(kill.code, 0, describeResult(kill));
+  await sup.waitFor(/node 2 exited \(signal SIGKILL\)/);
+  await sleep(1500);
+  t.is(sup.status(), null, 'the supervisor keeps running with node 1');
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.pid')), 'node 2 was not restarted');
+  t.true(processAlive(node1));
+
+  const down = await dve(['down', '--state-dir', c.stateDir]);
+  t.is(down.code, 0, describeResult(down));
+  t.regex(down.stdout, new RegExp(`stopped node 1 \\(pid ${node1}\\)`));
+  t.notRegex(down.stdout, /stopped node 2/);
+  t.regex(down.stdout, new RegExp(`stopped the supervisor \\(pid ${supPid}\\)`));
+  t.is(await sup.exited, 0, 'the last node stopped cleanly');
+  t.regex(sup.stderr(), /node 1 exited \(code 0\)/);
+  t.deepEqual(pidsIn(c.stateDir), [], 'no pid file is left');
+});
+
+test.serial('foreground up forwards Ctrl-C (SIGINT) to every node and exits 0 once they stopped', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  const cleanup = guard(t, c.stateDir);
+  await initialize(t, c);
+  const sup = startSupervisor(cleanup, ['--config', c.config, '--state-dir', c.stateDir]);
+  await sup.waitFor(/supervising 2 nodes/);
+  const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
+  const nodes = [1, 2].map((id) => readPidFile(path.join(c.stateDir, `node-${id}.pid`))!);
+  process.kill(supPid, 'SIGINT');
+  t.is(await sup.exited, 0, sup.stdout() + sup.stderr());
+  for (const pid of nodes) t.true(await waitGone(pid), `node pid ${pid} is gone`);
+  for (const id of [1, 2]) {
+    t.regex(fs.readFileSync(path.join(c.stateDir, `node-${id}.log`), 'utf8'), /"msg":"stopped"/, `node ${id} stopped gracefully`);
+  }
+  t.deepEqual(pidsIn(c.stateDir), [], 'no pid file is left');
+});
+
+test.serial('foreground up killed with SIGKILL: its nodes notice and stop', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  const cleanup = guard(t, c.stateDir);
+  await initialize(t, c);
+  const sup = startSupervisor(cleanup, ['--config', c.config, '--state-dir', c.stateDir]);
+  await sup.waitFor(/supervising 2 nodes/);
+  const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
+  const nodes = [1, 2].map((id) => readPidFile(path.join(c.stateDir, `node-${id}.pid`))!);
+  process.kill(supPid, 'SIGKILL');
+  await sup.exited;
+  for (const pid of nodes) t.true(await waitGone(pid, 30_000), `node pid ${pid} is gone`);
+  t.deepEqual(pidsIn(c.stateDir).filter(processAlive), [], 'nothing is left running');
+  // A stale dve.pid does not block the next start.
+  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  notePids(up);
+  t.is(up.code, 0, describeResult(up));
+  const down = await dve(['down', '--state-dir', c.stateDir]);
+  t.is(down.code, 0, describeResult(down));
+});
+
+test.serial('a node that cannot start fails up: the other nodes are stopped and its log tail is shown', async (t) => {
+  const c = await writeClusterConfig(tempDir(t));
+  guard(t, c.stateDir);
+  await initialize(t, c);
+  // Something else holds node 2's NBD port.
+  const blocker = net.createServer();
+  await new Promise<void>((resolve) => blocker.listen(c.nodes[1]!.nbd, '127.0.0.1', () => resolve()));
+  t.teardown(() => new Promise<void>((r) => blocker.close(() => r())));
+
+  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  notePids(up);
+  t.is(up.code, 1, describeResult(up));
+  t.regex(up.stderr, /dve up: node 2 exited \(code 1\) before it came up; stopping the other nodes; last lines of .*node-2\.log/);
+  t.regex(up.stderr, /EADDRINUSE/);
+  t.deepEqual(pidsIn(c.stateDir).filter(processAlive), [], 'node 1 was stopped too');
+
+  const one = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  t.is(one.code, 1, describeResult(one));
+  t.regex(one.stderr, /node 2 exited \(code 1\) before it came up; last lines of .*node-2\.log:\n(.|\n)*EADDRINUSE/);
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.pid')));
+});
+
+test.serial('up --detach without --config serves the embedded default and its default volume', async (t) => {
+  const dir = tempDir(t);
+  const stateDir = path.join(dir, 'state');
+  guard(t, stateDir);
+  // A base port whose derived NBD, admin and mesh ports (up to 3 nodes) are free.
+  let base = 0;
+  for (let attempt = 0; attempt < 50 && base === 0; attempt++) {
+    const p = 20000 + Math.floor(Math.random() * 30000);
+    const wanted = [0, 1, 2, 100, 101, 102, 200, 201, 202].map((o) => p + o);
+    if (await allFree(wanted)) base = p;
+  }
+  t.not(base, 0, 'found a free base port');
+  const up = await dve(['up', '--detach', '--port', String(base), '--state-dir', stateDir]);
+  notePids(up);
+  t.is(up.code, 0, describeResult(up));
+  t.regex(up.stdout, new RegExp(`dve up: node 1 \\(pid \\d+\\)  nbd 127\\.0\\.0\\.1:${base}  admin 127\\.0\\.0\\.1:${base + 100}`));
+  t.regex(up.stdout, /serving mirrored volume \(1 GiB\) as export "default"/);
+  const uri = /nbd:\/\/127\.0\.0\.1:\d+\/default/.exec(up.stdout)?.[0];
+  t.truthy(uri, up.stdout);
+  t.regex(up.stdout, /nbd-client 127\.0\.0\.1 \d+ \/dev\/nbd0 -N default/);
+  const info = await nbdinfoJson(uri!);
+  t.is(info.exports[0]['export-size'], 1024 ** 3, 'served over NBD');
+  const show = await dve(['volume', 'show', 'default', '--json', '--state-dir', stateDir]);
+  t.is(show.code, 0, describeResult(show));
+  t.is(JSON.parse(show.stdout).sizeBytes, 1024 ** 3);
+  const down = await dve(['down', '--state-dir', stateDir]);
+  t.is(down.code, 0, describeResult(down));
+  t.regex(down.stdout, /stopped node 1 \(pid \d+\)/);
+  t.deepEqual(pidsIn(stateDir), []);
+});
+
+async function allFree(ports: number[]): Promise<boolean> {
+  for (const port of ports) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.createServer();
+      s.once('error', () => resolve(false));
+      s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
+    });
+    if (!ok) return false;
+  }
+  return true;
+}
