@@ -49,6 +49,7 @@ import {
 import { Coordinator, type CoordinatorHooks, type JournalStore, type NodeJournal } from '../../cluster/coordinator.js';
 import type { Eviction } from '../../cluster/membership.js';
 import { nowUs } from '../fp/api.js';
+import { maskOf, mirrorSideStateSync, type SyncStartEvent } from '../../cluster/sync-point.js';
 
 const EIO = -HOST_ERRNO.EIO;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -119,6 +120,14 @@ interface Volume extends VolumeRecord {
   wakers: (() => void)[];
   /** Detached (deleted, here or by another node). */
   gone: boolean;
+  /**
+   * Volumes with a write journal: this node holds the journal oplock (one appender at
+   * a time cluster-wide; held until a peer asks), and its writer is positioned after
+   * the last record any node appended.
+   */
+  jnlHeld: boolean;
+  jnlPending: Promise<void> | null;
+  jnlReleasing: Promise<void> | null;
 }
 
 /** Idle sweep of the activity log, and the health flush of written disks. */
@@ -133,6 +142,10 @@ function isMirrored(layout: Layout): boolean {
 export const ROOT_LOCK = 'dve.root[0]';
 function hdrLock(v: { headerChunk: number }): string {
   return `vol${v.headerChunk}.hdr[0]`;
+}
+/** The write journal of a volume: one appender at a time. */
+function jnlLock(v: { headerChunk: number }): string {
+  return `vol${v.headerChunk}.jnl[0]`;
 }
 /** Mirror-write serialization: one non-volatile oplock per allocation extent of a mirrored volume. */
 function mwLock(v: { headerChunk: number }, e: number): string {
@@ -190,6 +203,13 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       this.resumeVolumes(volumes);
     }
   };
+  /**
+   * Run a synchronization point with the live nodes (wired by the node; alone, it
+   * passes at once). Used when a mirror side changes state: every node that reread the
+   * header reports the new state at the point, so the node that made the change knows
+   * when all of them switched (or which did not, on timeout).
+   */
+  syncPoint: (e: SyncStartEvent) => Promise<{ state: 'passed' | 'timed-out'; waitingFor: number[] }> = async () => ({ state: 'passed', waitingFor: [] });
   /** Group pauses in force on this node (for status). */
   pausedOps: () => { op: string; volumes: string[]; since: string }[] = () => [];
   private readonly volumes = new Map<string, Volume>();
@@ -336,7 +356,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     const v: Volume = {
       ...rec, fp, exp, copying: new Map(), resyncing: new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk)), journal, swapping: null,
       activeSet: new Set(), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), releasing: new Map(), sweeping: false,
-      valid, paused: 0, wakers: [], gone: false,
+      valid, paused: 0, wakers: [], gone: false, jnlHeld: false, jnlPending: null, jnlReleasing: null,
     };
     this.volumes.set(rec.header.name, v);
     this.exports.add(exp);
@@ -430,6 +450,9 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   /** Reread a volume's header and maps from media into the attached volume. */
   private async reloadVolume(v: Volume): Promise<void> {
     const rec = await readVolume(this.store, v.headerChunk);
+    for (const st of rec.header.stale) {
+      if (!v.header.stale.some((x) => x.disk === st.disk && x.sinceGeneration === st.sinceGeneration)) this.reportSideState(v, st.disk, st.sinceGeneration);
+    }
     v.header = rec.header;
     v.map = rec.map;
     v.rmapChunks = rec.rmapChunks;
@@ -471,6 +494,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     v.fp.removeAllMappings();
     for (const e of v.activeSet) this.cluster.unhold(mwLock(v, e));
     v.activeSet.clear();
+    if (v.jnlHeld) this.cluster.unhold(jnlLock(v));
+    v.jnlHeld = false;
     this.cluster.unshare(hdrLock(v));
     this.wake(v);
     this.log.info({ volume: v.header.name }, 'volume detached');
@@ -529,6 +554,17 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   wanted(lock: string): void {
     const p = parseVolumeLock(lock);
     const v = p && this.volumeByHeader(p.headerChunk);
+    if (p?.kind === 'jnl' && v && v.jnlHeld && !v.jnlReleasing) {
+      v.jnlReleasing = (async () => {
+        const revokedAt = v.fp.removeAllMappings();
+        await v.fp.drain(revokedAt);
+        if (v.swapping) await v.swapping;
+        v.jnlHeld = false;
+        this.cluster.unhold(jnlLock(v));
+      })().catch((err: Error) => this.log.error({ volume: v.header.name, err: err.message }, 'giving up the journal failed'))
+        .finally(() => (v.jnlReleasing = null));
+      return;
+    }
     if (!p || !v || p.kind !== 'mw' || !v.activeSet.has(p.index) || v.releasing.has(p.index)) return;
     const e = p.index;
     const E = this.root.extentBytes;
@@ -890,11 +926,15 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
         const j = v.header.journal!;
         const next = 1 - j.active;
         await this.clearJournalRegion(j.regions[next]!);
-        j.active = next;
-        j.sequenceBase = v.journal!.sequence;
-        await this.persistHeader(v);
+        const sequenceBase = v.journal!.sequence;
+        await this.withVolumes([v], false, async () => {
+          const hj = v.header.journal!;
+          hj.active = next;
+          hj.sequenceBase = sequenceBase;
+          await this.persistHeader(v);
+        });
         v.journal!.swap(j.regions[next]!, this.disks.get(j.regions[next]!.disk)!);
-        this.log.info({ volume: v.header.name, region: next, sequenceBase: j.sequenceBase, swaps: v.journal!.swaps }, 'write journal swapped');
+        this.log.info({ volume: v.header.name, region: next, sequenceBase, swaps: v.journal!.swaps }, 'write journal swapped');
       } finally {
         v.swapping = null;
       }
@@ -975,6 +1015,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       end = Math.min(end, (e + 1) * E);
       faultOnWrite ||= !this.writeHeld(v, e) || v.closing.has(e) || this.needsAge(v, e);
     }
+    // A journaled volume appends through the FP only while this node holds the journal.
+    if (v.header.journal && !v.jnlHeld) faultOnWrite = true;
     const m: FpMapping = {
       startBytes: start,
       lengthBytes: end - start,
@@ -1116,6 +1158,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
 
   /** Every extent of the range is write-held and has its age recorded (synchronous check, just before issuing). */
   private writeReady(v: Volume, offsetBytes: number, lengthBytes: number): boolean {
+    if (v.header.journal && (!v.jnlHeld || v.jnlReleasing)) return false;
     if (!isMirrored(v.header.layout)) return true;
     const E = this.root.extentBytes;
     for (let e = Math.floor(offsetBytes / E); e <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E); e++) {
@@ -1150,6 +1193,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       }
       if (this.needsAge(v, e)) ages.push(e);
     }
+    if (v.header.journal && (!v.jnlHeld || v.jnlReleasing)) waits.push(this.holdJournal(v));
     await Promise.all(waits);
     if (waits.length > 0) remap = true;
     if (ages.length > 0) {
@@ -1164,6 +1208,22 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       remap = true;
     }
     if (remap) v.fp.removeMapping(first * E, (last - first + 1) * E);
+  }
+
+  /** Take the volume's journal oplock, then reread where the journal stands (another node may have appended). */
+  private holdJournal(v: Volume): Promise<void> {
+    if (v.jnlPending) return v.jnlPending;
+    const p = (async () => {
+      if (v.jnlReleasing) await v.jnlReleasing;
+      if (v.jnlHeld) return;
+      await this.cluster.hold(jnlLock(v));
+      await this.reloadVolume(v);
+      v.journal = v.fp.journal = await this.openJournal(v);
+      v.jnlHeld = true;
+      v.fp.removeAllMappings();
+    })().finally(() => (v.jnlPending = null));
+    v.jnlPending = p;
+    return p;
   }
 
   /** Take the mirror-write oplock of extent `e` (once per extent, however many writers wait). */
@@ -1341,7 +1401,22 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       }
       await this.commitRoot();
       this.log.warn({ disk: id, state, reason, generation, volumes: touched }, state === 'failed' ? 'disk failed, mirror degraded' : 'disk offline, mirror degraded');
+      for (const v of affected) {
+        const st = v.header.stale.find((x) => x.disk === id);
+        if (st && touched.includes(v.header.name)) void this.reportSideState(v, id, st.sinceGeneration);
+      }
     }, affected);
+  }
+
+  /** Meet the other nodes at the mirror-side-state synchronization point of this change. */
+  private reportSideState(v: Volume, disk: string, generation: number): Promise<void> {
+    const side = [...this.disks.keys()].indexOf(disk);
+    const mask = maskOf([this.nodeId, ...this.cluster.livePeers()]);
+    const ev = mirrorSideStateSync(v.header.name, Math.max(0, side), 'degraded', mask, `gen${generation}`, { timeoutTicks: 50 });
+    return this.syncPoint(ev).then((r) => {
+      if (r.state === 'passed') this.log.info({ volume: v.header.name, disk, generation }, 'every node switched the mirror side to degraded');
+      else this.log.warn({ volume: v.header.name, disk, generation, waitingFor: r.waitingFor }, 'mirror side state: some nodes did not report the switch in time');
+    }, (err: Error) => this.log.warn({ err: err.message }, 'mirror side state sync failed'));
   }
 
   /** Writes to `id` since its last good flush may be lost: resync its sides of every extent this node holds. */

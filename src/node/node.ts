@@ -128,6 +128,12 @@ export async function startNode(o: NodeOptions): Promise<RunningNode> {
     pauser = p;
     engine.groupPause = (volumes, timeoutMs, fn) => p.withPaused(volumes, timeoutMs, fn);
     engine.pausedOps = () => p.active();
+    const driver = sync;
+    engine.syncPoint = async (e) => {
+      const r = await driver.start(e);
+      driver.stop(e.sync);
+      return r;
+    };
     // Peers ask for this node's view when an operator runs `dve status` against them.
     mesh.on('message', (peer, type, _body, c) => {
       if (type !== 'status' || c === 0) return;
