@@ -78,6 +78,22 @@ export class AdminClient {
     return this.request('POST', `/v1/disks/${seg(id)}/online`);
   }
 
+  listSnapshots(): Promise<VolumeInfo[]> {
+    return this.request('GET', '/v1/snapshots');
+  }
+
+  createSnapshots(pairs: { volume: string; name: string }[], timeoutMs?: number): Promise<VolumeInfo[]> {
+    return this.request('POST', '/v1/snapshots', timeoutMs === undefined ? { snapshots: pairs } : { snapshots: pairs, timeoutMs }, this.verifyTimeoutMs);
+  }
+
+  completeSnapshot(name: string): Promise<TaskInfo> {
+    return this.request('POST', `/v1/snapshots/${seg(name)}/complete`);
+  }
+
+  createClone(source: string, name: string): Promise<VolumeInfo> {
+    return this.request('POST', '/v1/clones', { source, name }, this.verifyTimeoutMs);
+  }
+
   private request<T>(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
     const where = formatEndpoint(this.endpoint);
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body), 'utf8');

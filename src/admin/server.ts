@@ -13,6 +13,10 @@
  *   GET    /v1/disks                  → DiskInfo[]
  *   POST   /v1/disks/:id/offline      → DiskInfo
  *   POST   /v1/disks/:id/online       → TaskInfo | null
+ *   GET    /v1/snapshots              → VolumeInfo[] (snapshots and clones)
+ *   POST   /v1/snapshots                { snapshots: [{ volume, name }], timeoutMs? } → 201 VolumeInfo[]
+ *   POST   /v1/snapshots/:name/complete → TaskInfo
+ *   POST   /v1/clones                   { source, name } → 201 VolumeInfo
  *
  * Every error is `{ error: { code, message } }` with a stable AdminErrorCode. Request
  * bodies are validated strictly (unknown fields, types, sizes as whole numbers) before
@@ -286,6 +290,28 @@ function buildRoutes(engine: EngineAdmin): Route[] {
     r('POST', '/v1/disks/:id/online', async ([id], b) => {
       noBody(b);
       return ok((await engine.onlineDisk(id!)) ?? null);
+    }),
+    r('GET', '/v1/snapshots', async (_, b) => {
+      noBody(b);
+      return ok((await engine.listVolumes()).filter((v) => v.kind === 'snapshot' || v.kind === 'clone'));
+    }),
+    r('POST', '/v1/snapshots', async (_, b) => {
+      const o = object(parseJson(b), ['snapshots', 'timeoutMs']);
+      if (!Array.isArray(o.snapshots) || o.snapshots.length === 0 || o.snapshots.length > 64) throw bad(`snapshots: ${describe(o.snapshots)} is not a list of 1 to 64 { volume, name }`);
+      const pairs = o.snapshots.map((x, i) => {
+        const p = object(x, ['volume', 'name']);
+        return { volume: nonEmptyString(p.volume, `snapshots[${i}].volume`), name: nonEmptyString(p.name, `snapshots[${i}].name`) };
+      });
+      const timeoutMs = o.timeoutMs === undefined ? undefined : positiveSize(o.timeoutMs, 'timeoutMs');
+      return { status: 201, body: await engine.createSnapshots(pairs, timeoutMs) };
+    }),
+    r('POST', '/v1/snapshots/:name/complete', async ([name], b) => {
+      noBody(b);
+      return ok(engine.completeSnapshot(name!));
+    }),
+    r('POST', '/v1/clones', async (_, b) => {
+      const o = object(parseJson(b), ['source', 'name']);
+      return { status: 201, body: await engine.createClone(nonEmptyString(o.source, 'source'), nonEmptyString(o.name, 'name')) };
     }),
   ];
 }

@@ -250,6 +250,80 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
+  const snapshot = program.command('snapshot').description('copy-on-write snapshots: instant, read-only, exported over NBD under their own name');
+  snapshot.command('create')
+    .description('snapshot VOL as NAME; with --group, snapshot several volumes at one instant (named VOL.NAME)')
+    .argument('[volume]', 'the volume to snapshot (omit with --group)')
+    .argument('<name>', 'snapshot name (with --group: the suffix of each snapshot)', nameArg('NAME'))
+    .option('--group <volumes>', 'comma-separated volumes to snapshot together (a consistency group: I/O to all of them is paused on every node meanwhile)', disksArg)
+    .option('--timeout <ms>', 'give up (and resume I/O) if the nodes do not all pause within this long', wholeArg('--timeout', 1), 10_000)
+    .option('--complete', 'also start the background task that copies every shared unit (the snapshot then no longer depends on its origin)', false)
+    .action(async (volume: string | undefined, name: string, o: CommonOptions & { group?: string[]; timeout: number; complete: boolean }) => {
+      const label = 'dve snapshot create';
+      if ((volume === undefined) === (o.group === undefined)) {
+        process.stderr.write(`${label}: give either VOLUME NAME or --group VOL,VOL NAME\n`);
+        process.exitCode = 1;
+        return;
+      }
+      const pairs = o.group ? o.group.map((v) => ({ volume: v, name: `${v}.${name}` })) : [{ volume: volume!, name }];
+      await withNode(label, o, async (c) => {
+        const snaps = await c.createSnapshots(pairs, o.timeout);
+        const tasks = o.complete ? await Promise.all(snaps.map((s) => c.completeSnapshot(s.name))) : [];
+        if (o.json) return printJson(o.complete ? { snapshots: snaps, tasks } : snaps);
+        for (const s of snaps) out(`created snapshot ${s.name} of ${s.base} (${formatSize(s.sizeBytes)}; read-only at ${s.uris.join(' ') || '(not exported)'})`);
+        for (const t of tasks) out(`completing ${t.target} in the background (task ${t.id})`);
+      });
+    });
+  snapshot.command('list')
+    .description('list snapshots and clones')
+    .action(async (o: CommonOptions) => {
+      await withNode('dve snapshot list', o, async (c) => {
+        const snaps = await c.listSnapshots();
+        if (o.json) return printJson(snaps);
+        if (snaps.length === 0) return out('no snapshots or clones (create one with: dve snapshot create VOL NAME)');
+        out(table(
+          ['NAME', 'KIND', 'BASE', { header: 'SIZE', align: 'right' }, { header: 'SHARED', align: 'right' }, { header: 'ALLOCATED', align: 'right' }, 'CREATED'],
+          snaps.map((s) => [s.name, s.kind ?? '-', s.base ?? '-', formatSize(s.sizeBytes), formatSize(s.sharedBytes ?? 0), formatSize(s.allocatedBytes), s.createdAt ?? '-']),
+        ));
+      });
+    });
+  snapshot.command('delete')
+    .description('delete a snapshot (or clone) and free its space')
+    .argument('<name>', 'snapshot name', nameArg('NAME'))
+    .action(async (name: string, o: CommonOptions) => {
+      await withNode('dve snapshot delete', o, async (c) => {
+        const v = await c.showVolume(name);
+        if (v.kind !== 'snapshot' && v.kind !== 'clone') throw new AdminError('EINVAL', `${name} is a volume, not a snapshot (delete it with: dve volume delete ${name})`);
+        await c.deleteVolume(name);
+        if (o.json) return printJson({ name, deleted: true });
+        out(`deleted ${v.kind} ${name}`);
+      });
+    });
+  snapshot.command('complete')
+    .description('copy every unit a snapshot still shares with its origin (background task)')
+    .argument('<name>', 'snapshot name', nameArg('NAME'))
+    .action(async (name: string, o: CommonOptions) => {
+      await withNode('dve snapshot complete', o, async (c) => {
+        const t = await c.completeSnapshot(name);
+        if (o.json) return printJson(t);
+        out(`completing snapshot ${name}: ${formatSize(t.totalBytes)} to copy (task ${t.id}; follow it with: dve status)`);
+      });
+    });
+
+  const clone = program.command('clone').description('writable clones (redirect-on-write) sharing one read-only base');
+  clone.command('create')
+    .description('create a writable clone NEW of a snapshot (or of a volume, through a new snapshot NEW.base)')
+    .argument('<source>', 'snapshot or volume', nameArg('SOURCE'))
+    .argument('<name>', 'clone name (also its NBD export name)', nameArg('NAME'))
+    .action(async (source: string, name: string, o: CommonOptions) => {
+      await withNode('dve clone create', o, async (c) => {
+        const v = await c.createClone(source, name);
+        if (o.json) return printJson(v);
+        out(`created clone ${v.name} of ${v.base}`);
+        out(volumeDetails(v));
+      });
+    });
+
   const status = program
     .command('status')
     .description('nodes, volumes, disks and background tasks of the running node')
@@ -262,7 +336,7 @@ export function registerAdminCommands(program: Command): void {
     });
 
   // Listed after each command's own options in --help.
-  for (const cmd of [...volume.commands, ...disk.commands, status]) common(cmd);
+  for (const cmd of [...volume.commands, ...disk.commands, ...snapshot.commands, ...clone.commands, status]) common(cmd);
 }
 
 // ---------------------------------------------------------------- --wait
@@ -386,6 +460,7 @@ function volumeDetails(v: VolumeInfo): string {
     ['name', v.name],
     ['size', formatSizeExact(v.sizeBytes)],
     ['layout', describeLayout(v)],
+    ...(v.kind && v.kind !== 'volume' ? [['kind', `${v.kind} of ${v.base ?? '-'}${v.readOnly ? ' (read-only)' : ''}, ${formatSize(v.sharedBytes ?? 0)} still shared`] as [string, string]] : []),
     ['state', paintState(v.state, color)],
     ['disks', v.disks.join(', ') || '-'],
     ['allocated', `${formatSize(v.allocatedBytes)} in ${plural(v.extents, 'extent')}, ${plural(v.vsegs, 'vseg')}`],

@@ -66,6 +66,14 @@ export interface VolumeInfo {
   allocatedBytes: number;
   journal: JournalInfo | null;
   fp: FpStatisticsView;
+  /** volume, snapshot (read-only, copy-on-write) or clone (writable, redirect-on-write). */
+  kind?: 'volume' | 'snapshot' | 'clone';
+  /** Snapshot: its origin; clone: its base snapshot. */
+  base?: string | null;
+  readOnly?: boolean;
+  /** Bytes still read from the base (not yet copied into its own storage). */
+  sharedBytes?: number;
+  createdAt?: string | null;
 }
 
 export interface DiskInfo {
@@ -81,7 +89,7 @@ export interface DiskInfo {
 
 export interface TaskInfo {
   id: string;
-  kind: 'resync';
+  kind: 'resync' | 'snapshot-complete' | 'migrate';
   /** What it works on: "disk d2" / "volume v1". */
   target: string;
   state: 'running' | 'done' | 'failed' | 'cancelled';
@@ -160,4 +168,9 @@ export interface EngineAdmin {
   /** Brings a disk back; resyncs the mirror sides on it as a background task (returned). */
   onlineDisk(id: string): Promise<TaskInfo | null>;
   verifyVolume(name: string): Promise<VerifyReport>;
+  /** Snapshots of one or more volumes at one instant (several: a consistency group, I/O paused on every node meanwhile). */
+  createSnapshots(pairs: { volume: string; name: string }[], timeoutMs?: number): Promise<VolumeInfo[]>;
+  createClone(source: string, name: string): Promise<VolumeInfo>;
+  /** Push every unit a snapshot still shares with its origin, in the background. */
+  completeSnapshot(name: string): TaskInfo;
 }

@@ -43,7 +43,7 @@ import {
   type NodeStatus, type TaskInfo, type VerifyReport, type VolumeCreateRequest, type VolumeInfo, type JournalInfo,
 } from './admin-api.js';
 import {
-  FIRST_VOLUME_CHUNK, METADATA_FORMAT, MIN_CHUNKS, ROOT_CHUNK, nodeJournalChunk, readVolume, writeVolume, writeVolumeHeader,
+  FIRST_VOLUME_CHUNK, METADATA_FORMAT, MIN_CHUNKS, ROOT_CHUNK, bitmapToSet, nodeJournalChunk, readVolume, setToBitmap, writeVolume, writeVolumeHeader,
   type RootRecord, type VolumeRecord,
 } from './metadata.js';
 import { Coordinator, type CoordinatorHooks, type JournalStore, type NodeJournal } from '../../cluster/coordinator.js';
@@ -128,6 +128,10 @@ interface Volume extends VolumeRecord {
   jnlHeld: boolean;
   jnlPending: Promise<void> | null;
   jnlReleasing: Promise<void> | null;
+  /** Snapshots and clones: units still read from the base (header.shared in memory). */
+  sharedSet: Set<number>;
+  /** Units being materialized (copied from the base) by this node. */
+  materializing: Map<number, Promise<void>>;
 }
 
 /** Idle sweep of the activity log, and the health flush of written disks. */
@@ -352,11 +356,13 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   private attach(rec: VolumeRecord, journal: JournalWriter | null = null, valid = true): Volume {
     const fp = new FastPath(rec.header.name, rec.header.sizeBytes, this, this.disks);
     fp.journal = journal;
+    fp.readOnly = rec.header.readOnly ?? false;
     const exp = new NbdExport(rec.header.name, fp, `dve ${rec.header.layout} volume ${rec.header.name}`);
     const v: Volume = {
       ...rec, fp, exp, copying: new Map(), resyncing: new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk)), journal, swapping: null,
       activeSet: new Set(), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), releasing: new Map(), sweeping: false,
       valid, paused: 0, wakers: [], gone: false, jnlHeld: false, jnlPending: null, jnlReleasing: null,
+      sharedSet: bitmapToSet(rec.header.shared), materializing: new Map(),
     };
     this.volumes.set(rec.header.name, v);
     this.exports.add(exp);
@@ -459,6 +465,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     v.age = rec.age;
     v.fp.sizeBytes = rec.header.sizeBytes;
     v.resyncing = new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk));
+    v.sharedSet = bitmapToSet(rec.header.shared);
   }
 
   /** Share the volume's header oplock again (granted once any writer released it), reread, serve. */
@@ -478,7 +485,10 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     try {
       await this.cluster.share(ROOT_LOCK);
       await this.reloadRoot();
-      for (const v of this.volumes.values()) if (!v.valid && !v.gone) void this.reshareVolume(v);
+      for (const v of this.volumes.values()) {
+        if (!v.valid && !v.gone) void this.reshareVolume(v);
+        else this.wake(v); // I/O parked for the root only
+      }
     } catch (err) {
       this.log.error({ err: (err as Error).message }, 'rereading the root after a revoke failed');
     }
@@ -801,6 +811,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     return this.exclusive(async () => this.withRoot(async () => {
       const v = this.volume(name);
       if (v.resyncing.size > 0) throw new AdminError('EBUSY', `volume ${name} is resyncing`);
+      const readers = [...this.volumes.values()].filter((x) => x.header.base === name && x.sharedSet.size > 0).map((x) => x.header.name);
+      if (readers.length > 0) throw new AdminError('EBUSY', `${readers.join(', ')} still read${readers.length === 1 ? 's' : ''} from ${name}: delete ${readers.length === 1 ? 'it' : 'them'} first`);
       const revokedAt = v.fp.removeAllMappings();
       this.detach(v);
       await v.fp.drain(revokedAt);
@@ -987,6 +999,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       allocatedBytes: this.recordExtents(v).reduce((a, e) => a + e.lengthBytes, 0),
       journal: v.journal ? this.journalInfo(v.journal) : null,
       fp,
+      kind: h.kind ?? 'volume', base: h.base ?? null, readOnly: h.readOnly ?? false,
+      sharedBytes: Math.min(h.sizeBytes, v.sharedSet.size * this.unitBytes(v)), createdAt: h.createdAt ?? null,
     };
   }
 
@@ -994,16 +1008,278 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     return { regionBytes: j.region.lengthBytes, usedBytes: j.usedBytes, nextSequence: j.sequence, recordsInRegion: j.records, swaps: j.swaps };
   }
 
+  // ── snapshots and clones ─────────────────────────────────────────────────
+  /*
+   * A snapshot or clone ("derived volume") has the origin's shape and its own storage,
+   * allocated whole at creation (so nothing is allocated in the I/O path), and a set of
+   * units (allocation extent x columns) still read from its base. Reads of a shared
+   * unit resolve through the base (recursively); the first write that would break the
+   * sharing faults to the CP, which materializes the unit: under the derived volume's
+   * header oplock (restrictive: every node drops its mappings of the unit and drains
+   * reads through the old one), it copies the unit from the base into the derived
+   * volume's storage, clears the shared bit and writes the header; then the write goes
+   * on. For a snapshot that write is the origin's (copy-on-write, seed 004 Figs. 20-21);
+   * for a clone it is the clone's own (redirect-on-write, Fig. 22).
+   */
+
+  private unitBytes(v: { header: { columns: number } }): number {
+    return this.root.extentBytes * Math.max(1, v.header.columns);
+  }
+
+  /**
+   * Where byte `pos` of v reads from: its own map, or for a shared unit its base's,
+   * recursively. [lo, hi) is the range around pos that resolves the same way.
+   */
+  private resolveData(v: Volume, pos: number): { r: NonNullable<ReturnType<VolumeMap['resolve']>>; owner: Volume; lo: number; hi: number } | null {
+    let cur = v;
+    let lo = 0;
+    let hi = v.header.sizeBytes;
+    for (let depth = 0; depth < 64; depth++) {
+      if (cur.header.base && cur.sharedSet.size > 0) {
+        const ub = this.unitBytes(cur);
+        const u = Math.floor(pos / ub);
+        if (cur.sharedSet.has(u)) {
+          lo = Math.max(lo, u * ub);
+          hi = Math.min(hi, (u + 1) * ub);
+          const b = this.volumes.get(cur.header.base);
+          if (!b) return null;
+          cur = b;
+          continue;
+        }
+      }
+      const r = cur.map.resolve(pos);
+      return r ? { r, owner: cur, lo, hi } : null;
+    }
+    return null;
+  }
+
+  /** Volumes that read units from v (its snapshots, or a snapshot's clones). */
+  private derivedOf(v: Volume): Volume[] {
+    const out: Volume[] = [];
+    for (const d of this.volumes.values()) if (d.header.base === v.header.name && d.sharedSet.size > 0) out.push(d);
+    return out;
+  }
+
+  /** Some derived volume still shares a unit of v in this range with v (a write must push it first). */
+  private cowPending(v: Volume, offsetBytes: number, lengthBytes: number): boolean {
+    for (const d of this.derivedOf(v)) {
+      const ub = this.unitBytes(d);
+      for (let u = Math.floor(offsetBytes / ub); u <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / ub); u++) if (d.sharedSet.has(u)) return true;
+    }
+    return false;
+  }
+
+  /** v itself still reads part of the range from its base (a clone's write must copy first). */
+  private sharedIn(v: Volume, offsetBytes: number, lengthBytes: number): boolean {
+    if (!v.header.base || v.sharedSet.size === 0) return false;
+    const ub = this.unitBytes(v);
+    for (let u = Math.floor(offsetBytes / ub); u <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / ub); u++) if (v.sharedSet.has(u)) return true;
+    return false;
+  }
+
+  /** Before a write to v's range: push the units its snapshots share, copy the units it shares with its base. True if anything was copied. */
+  private async materializeRange(v: Volume, offsetBytes: number, lengthBytes: number): Promise<boolean> {
+    let did = false;
+    for (let guard = 0; guard < 64; guard++) {
+      const jobs: Promise<boolean>[] = [];
+      for (const d of [...this.derivedOf(v), ...(v.header.base ? [v] : [])]) {
+        const ub = this.unitBytes(d);
+        for (let u = Math.floor(offsetBytes / ub); u <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / ub); u++) {
+          if (d.sharedSet.has(u)) jobs.push(this.materialize(d, u));
+        }
+      }
+      if (jobs.length === 0) return did;
+      if ((await Promise.all(jobs)).some(Boolean)) did = true;
+    }
+    return did;
+  }
+
+  /** Copy unit u of derived volume d from its base into d's own storage; once per unit however many writers wait. */
+  private materialize(d: Volume, u: number): Promise<boolean> {
+    const running = d.materializing.get(u);
+    if (running) return running.then(() => true);
+    const p = (async (): Promise<boolean> => {
+      const ub = this.unitBytes(d);
+      // Every volume whose reads of this unit pass through d must drop its mappings too.
+      const dependents = [d, ...this.readersThrough(d, u)];
+      let copied = false;
+      await this.withVolumes(dependents, true, async () => {
+        if (!d.sharedSet.has(u) || d.gone) return;
+        const start = u * ub;
+        const len = Math.min(ub, d.header.sizeBytes - start);
+        for (const x of dependents) await x.fp.drain(x.fp.removeMapping(start, len), start, len);
+        const base = this.volumes.get(d.header.base ?? '');
+        if (!base) throw new Error(`volume ${d.header.name}: its base ${d.header.base} is gone`);
+        await this.copyVolumeRange(base, d, start, len);
+        d.sharedSet.delete(u);
+        await this.persistHeader(d);
+        copied = true;
+      });
+      return copied;
+    })().finally(() => d.materializing.delete(u));
+    d.materializing.set(u, p.then(() => undefined, () => undefined));
+    return p;
+  }
+
+  /** Volumes that read unit u through d (clones of a snapshot that share the unit), recursively. */
+  private readersThrough(d: Volume, u: number): Volume[] {
+    const out: Volume[] = [];
+    for (const x of this.volumes.values()) {
+      if (x.header.base === d.header.name && x.sharedSet.has(u)) out.push(x, ...this.readersThrough(x, u));
+    }
+    return out;
+  }
+
+  /** Copy [start, start + len) of `from`'s data (through its bases) into `to`'s own storage (every side). */
+  private async copyVolumeRange(from: Volume, to: Volume, start: number, len: number): Promise<void> {
+    const buf = Buffer.allocUnsafe(Math.min(len, COPY_CHUNK_BYTES));
+    for (let pos = start; pos < start + len;) {
+      const n = Math.min(start + len - pos, buf.length);
+      const slice = buf.subarray(0, n);
+      // Read through the base chain.
+      for (let off = 0; off < n;) {
+        const d = this.resolveData(from, pos + off);
+        if (!d) throw new Error(`copy: ${from.header.name} has no mapping at ${pos + off}`);
+        const m = Math.min(n - off, d.r.extentRemainingBytes, d.hi - (pos + off));
+        for (const piece of mapRange(d.r.entry.storage, d.r.relativeBytes, m)) {
+          const sides = piece.targets.map((t, i) => ({ disk: t.disk, at: piece.physicalOffsets[i]!, state: this.sideState(d.owner, t.disk) }));
+          const rr = await this.readAny(d.owner, sides, slice.subarray(off + piece.bufferOffsetBytes, off + piece.bufferOffsetBytes + piece.lengthBytes));
+          if (rr < 0) throw new Error(`copy: reading ${from.header.name} at ${pos + off} failed (${rr})`);
+        }
+        off += m;
+      }
+      // Write into the target's own map.
+      for (let off = 0; off < n;) {
+        const r = to.map.resolve(pos + off);
+        if (!r) throw new Error(`copy: ${to.header.name} has no storage at ${pos + off}`);
+        const m = Math.min(n - off, r.extentRemainingBytes);
+        for (const piece of mapRange(r.entry.storage, r.relativeBytes, m)) {
+          const data = slice.subarray(off + piece.bufferOffsetBytes, off + piece.bufferOffsetBytes + piece.lengthBytes);
+          for (let i = 0; i < piece.targets.length; i++) {
+            const t = piece.targets[i]!;
+            if (this.sideState(to, t.disk) === 'dead') continue;
+            const wr = await diskIo((cb) => this.disks.get(t.disk)!.write(data, piece.physicalOffsets[i]!, false, cb));
+            if (wr < 0) throw new Error(`copy: writing ${to.header.name} on disk ${t.disk} failed (${wr})`);
+          }
+        }
+        off += m;
+      }
+      pos += n;
+    }
+    // Durable before the shared bit is cleared on media.
+    await this.flushVolumeDisks(to);
+  }
+
+  /**
+   * Create snapshots (read-only, copy-on-write) of `volumes` at one instant: I/O to all
+   * of them is paused on every node for the duration (a synchronization point), so a
+   * write acknowledged before another is never in the set without it.
+   */
+  createSnapshots(pairs: { volume: string; name: string }[], timeoutMs = 10_000): Promise<VolumeInfo[]> {
+    for (const p of pairs) this.volume(p.volume);
+    return this.groupPause(pairs.map((p) => p.volume), timeoutMs, () => this.exclusive(() => this.withRoot(async () => {
+      const out: Volume[] = [];
+      for (const p of pairs) out.push(await this.createDerived(this.volume(p.volume), p.name, 'snapshot'));
+      await this.commitRoot();
+      for (const d of out) await this.cluster.share(hdrLock(d));
+      this.log.info({ snapshots: pairs }, pairs.length > 1 ? 'consistency group snapshot created' : 'snapshot created');
+      return out.map((d) => this.volumeInfo(d));
+    }, pairs.map((p) => this.volume(p.volume)))));
+  }
+
+  /** A writable clone of a snapshot (or of a volume: through a new snapshot `NEW.base`). */
+  async createClone(source: string, name: string): Promise<VolumeInfo> {
+    let base = this.volume(source);
+    if (base.header.kind !== 'snapshot') {
+      await this.createSnapshots([{ volume: source, name: `${name}.base` }]);
+      base = this.volume(`${name}.base`);
+    }
+    return this.exclusive(() => this.withRoot(async () => {
+      const c = await this.createDerived(this.volume(base.header.name), name, 'clone');
+      await this.commitRoot();
+      await this.cluster.share(hdrLock(c));
+      this.log.info({ clone: name, base: base.header.name }, 'clone created');
+      return this.volumeInfo(c);
+    }, [base]));
+  }
+
+  /** With the root oplock and the base's header oplock held: allocate the derived volume, all units shared. */
+  private async createDerived(base: Volume, name: string, kind: 'snapshot' | 'clone'): Promise<Volume> {
+    if (!NAME_RE.test(name)) throw new AdminError('EINVAL', `name "${name}" must be 1-64 letters, digits, "_", "." or "-"`);
+    if (this.volumes.has(name)) throw new AdminError('EEXIST', `a volume or snapshot named ${name} already exists`);
+    if (base.header.journal) throw new AdminError('EINVAL', `volume ${base.header.name} has a write journal; snapshots of journaled volumes are not supported`);
+    const h = base.header;
+    const shape = { layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes ?? DEFAULT_STRIPE_BYTES, columns: h.columns };
+    const built = this.buildVseg(0, h.sizeBytes, shape, this.volumeDisks(base).filter((x) => this.disks.get(x)?.state === 'online'));
+    const units = Math.ceil(h.sizeBytes / this.unitBytes(base));
+    const shared = new Set<number>();
+    for (let u = 0; u < units; u++) shared.add(u);
+    const rec: VolumeRecord = {
+      header: {
+        name, sizeBytes: h.sizeBytes, layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes, columns: h.columns, stale: [], active: [], journal: null,
+        kind, base: base.header.name, shared: setToBitmap(shared, units), readOnly: kind === 'snapshot', createdAt: new Date().toISOString(),
+      },
+      map: new VolumeMap([built.vseg]), headerChunk: 0, rmapChunks: [], age: new Map(),
+    };
+    try {
+      const alloc = this.chunkAllocator();
+      rec.headerChunk = alloc();
+      await writeVolume(this.store, rec, alloc);
+    } catch (e) {
+      this.allocator.free(built.extents);
+      throw e;
+    }
+    // The origin's cached mappings lose their write permission for the shared units.
+    await base.fp.drain(base.fp.removeAllMappings());
+    return this.attach(rec);
+  }
+
+  /** Push every unit a snapshot still shares (the completion task): afterwards it no longer depends on its origin. */
+  completeSnapshot(name: string): TaskInfo {
+    const d = this.volume(name);
+    const running = this.tasks.find((t) => t.info.kind === 'snapshot-complete' && t.info.target === `volume ${name}` && t.info.state === 'running');
+    if (running) return running.info;
+    const ub = this.unitBytes(d);
+    const info: TaskInfo = {
+      id: `complete-${name}-${Date.now()}`, kind: 'snapshot-complete', target: `volume ${name}`, state: 'running', doneBytes: 0,
+      totalBytes: d.sharedSet.size * ub, percent: 0, rateBytesPerSec: 0, startedAt: new Date().toISOString(), finishedAt: null, message: null,
+    };
+    const task: Task = { info, cancelled: false };
+    this.tasks.push(task);
+    const started = Date.now();
+    void (async () => {
+      for (const u of [...d.sharedSet].sort((a, b) => a - b)) {
+        if (task.cancelled || d.gone) throw new Error('cancelled');
+        await this.materialize(d, u);
+        info.doneBytes += ub;
+        info.percent = Math.round((info.doneBytes / Math.max(1, info.totalBytes)) * 1000) / 10;
+        info.rateBytesPerSec = Math.round(info.doneBytes / Math.max(0.001, (Date.now() - started) / 1000));
+      }
+      info.state = 'done';
+      info.percent = 100;
+      info.finishedAt = new Date().toISOString();
+      this.log.info({ snapshot: name, copiedBytes: info.doneBytes, ms: Date.now() - started }, 'snapshot complete');
+    })().catch((err: Error) => {
+      info.state = task.cancelled ? 'cancelled' : 'failed';
+      info.message = err.message;
+      info.finishedAt = new Date().toISOString();
+    });
+    return info;
+  }
+
   // ── the CP API: mapping misses ───────────────────────────────────────────
   mappingMiss(volume: string, offsetBytes: number, _lengthBytes: number): MissAnswer {
     const v = this.volumes.get(volume);
     if (!v) return { kind: 'IGNORE', result: EIO };
     if (!this.usableNow(v)) return { kind: 'QUEUE' };
-    const r = v.map.resolve(offsetBytes);
-    if (!r) return { kind: 'QUEUE' };
-    let start = r.vseg.startBytes + r.vseg.rmap.startOf(r.extentIndex);
-    let end = start + r.vseg.rmap.lengthOf(r.extentIndex);
-    let faultOnWrite = r.entry.faultOnWrite;
+    const d = this.resolveData(v, offsetBytes);
+    if (!d) return { kind: 'QUEUE' };
+    const r = d.r;
+    let start = Math.max(d.lo, r.vseg.startBytes + r.vseg.rmap.startOf(r.extentIndex));
+    let end = Math.min(d.hi, r.vseg.startBytes + r.vseg.rmap.startOf(r.extentIndex) + r.vseg.rmap.lengthOf(r.extentIndex));
+    // A unit still shared with a base is written only after it is copied (redirect-on-write),
+    // and a unit a snapshot still shares with this origin only after it is pushed (copy-on-write).
+    let faultOnWrite = r.entry.faultOnWrite || d.owner !== v;
     const mirrored = r.entry.storage.kind === 'mirrored' || r.entry.storage.kind === 'striped-mirrored';
     if (mirrored) {
       // Mirrors are mapped one allocation extent at a time: a write faults once until the
@@ -1015,6 +1291,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       end = Math.min(end, (e + 1) * E);
       faultOnWrite ||= !this.writeHeld(v, e) || v.closing.has(e) || this.needsAge(v, e);
     }
+    faultOnWrite ||= this.cowPending(v, start, end - start);
     // A journaled volume appends through the FP only while this node holds the journal.
     if (v.header.journal && !v.jnlHeld) faultOnWrite = true;
     const m: FpMapping = {
@@ -1025,7 +1302,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       storage: r.entry.storage,
       faultOnRead: r.entry.faultOnRead,
       faultOnWrite,
-      sideStates: mirrored ? placementsOf(r.entry.storage).map((p) => this.sideState(v, p.disk)) : undefined,
+      sideStates: mirrored ? placementsOf(r.entry.storage).map((p) => this.sideState(d.owner, p.disk)) : undefined,
       sideCosts: mirrored ? placementsOf(r.entry.storage).map((p) => this.readCost.get(p.disk) ?? 1) : undefined,
     };
     v.fp.addMapping(m);
@@ -1105,13 +1382,14 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     let pos = io.offsetBytes;
     const jobs: Promise<number>[] = [];
     while (pos < end) {
-      const r = v.map.resolve(pos);
-      if (!r) return EIO;
-      const n = Math.min(end - pos, r.extentRemainingBytes);
+      const d = this.resolveData(v, pos);
+      if (!d) return EIO;
+      const r = d.r;
+      const n = Math.min(end - pos, r.extentRemainingBytes, d.hi - pos);
       for (const piece of mapRange(r.entry.storage, r.relativeBytes, n)) {
         const bufOff = pos - io.offsetBytes + piece.bufferOffsetBytes;
         const slice = io.buffer ? io.buffer.subarray(bufOff, bufOff + piece.lengthBytes) : null;
-        const sides = piece.targets.map((t, i) => ({ disk: t.disk, at: piece.physicalOffsets[i]!, state: this.sideState(v, t.disk) }));
+        const sides = piece.targets.map((t, i) => ({ disk: t.disk, at: piece.physicalOffsets[i]!, state: this.sideState(d.owner, t.disk) }));
         if (io.op === UpstreamOp.READ) jobs.push(this.readAny(v, sides, slice!));
         else jobs.push(this.writeAll(v, io, sides, slice, piece.lengthBytes));
       }
@@ -1159,6 +1437,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   /** Every extent of the range is write-held and has its age recorded (synchronous check, just before issuing). */
   private writeReady(v: Volume, offsetBytes: number, lengthBytes: number): boolean {
     if (v.header.journal && (!v.jnlHeld || v.jnlReleasing)) return false;
+    if (this.cowPending(v, offsetBytes, lengthBytes) || this.sharedIn(v, offsetBytes, lengthBytes)) return false;
     if (!isMirrored(v.header.layout)) return true;
     const E = this.root.extentBytes;
     for (let e = Math.floor(offsetBytes / E); e <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E); e++) {
@@ -1180,6 +1459,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     const first = Math.floor(offsetBytes / E);
     const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E);
     const mirrored = isMirrored(v.header.layout);
+    // Snapshots and clones first: the base's data must be in place before the write.
+    if (await this.materializeRange(v, offsetBytes, lengthBytes)) v.fp.removeMapping(offsetBytes, Math.max(lengthBytes, 1));
     const waits: Promise<void>[] = [];
     const ages: number[] = [];
     let remap = false;
@@ -1350,6 +1631,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
 
   /** Write a volume's header chunk (call with its header oplock held). */
   private persistHeader(v: Volume): Promise<void> {
+    if (v.header.base) v.header.shared = setToBitmap(v.sharedSet, Math.ceil(v.header.sizeBytes / this.unitBytes(v)));
     return writeVolumeHeader(this.store, v);
   }
 

@@ -67,6 +67,32 @@ export interface VolumeHeader {
   age: [number, number][];
   /** The write journal: two regions, the active one, and the sequence number its first record has. */
   journal: JournalState | null;
+  /** volume (default), snapshot (read-only, copy-on-write from `base`) or clone (writable, redirect-on-write over `base`). */
+  kind?: 'volume' | 'snapshot' | 'clone';
+  /** The volume this one reads its shared units from (snapshot: its origin; clone: its base snapshot). */
+  base?: string | null;
+  /** Bitmap over units (allocation extent x columns) still read from `base`. */
+  shared?: Uint8Array | null;
+  readOnly?: boolean;
+  createdAt?: string;
+}
+
+/** Unit indexes set in a bitmap. */
+export function bitmapToSet(b: Uint8Array | null | undefined): Set<number> {
+  const out = new Set<number>();
+  if (!b) return out;
+  for (let i = 0; i < b.length; i++) {
+    const x = b[i]!;
+    if (x === 0) continue;
+    for (let k = 0; k < 8; k++) if (x & (1 << k)) out.add(i * 8 + k);
+  }
+  return out;
+}
+
+export function setToBitmap(s: ReadonlySet<number>, units: number): Uint8Array {
+  const b = new Uint8Array(Math.ceil(units / 8));
+  for (const u of s) if (u < units) b[u >> 3]! |= 1 << (u & 7);
+  return b;
 }
 
 export interface JournalState {

@@ -87,7 +87,8 @@ class Pending implements UpstreamIo {
 }
 
 export class FastPath implements Backend, FpApi {
-  readonly readOnly = false;
+  /** A snapshot: the NBD layer refuses writes. */
+  readOnly = false;
   readonly capabilities: BackendCapabilities = { trim: false, fastZero: false, extents: false, multiConn: true };
   readonly description: string;
 
