@@ -78,6 +78,10 @@ export class AdminClient {
     return this.request('POST', `/v1/disks/${seg(id)}/online`);
   }
 
+  migrateVolume(name: string, to: string[]): Promise<TaskInfo> {
+    return this.request('POST', `/v1/volumes/${seg(name)}/migrate`, { to });
+  }
+
   listSnapshots(): Promise<VolumeInfo[]> {
     return this.request('GET', '/v1/snapshots');
   }

@@ -17,6 +17,7 @@
  *   POST   /v1/snapshots                { snapshots: [{ volume, name }], timeoutMs? } → 201 VolumeInfo[]
  *   POST   /v1/snapshots/:name/complete → TaskInfo
  *   POST   /v1/clones                   { source, name } → 201 VolumeInfo
+ *   POST   /v1/volumes/:name/migrate    { to: [disk ids] } → TaskInfo
  *
  * Every error is `{ error: { code, message } }` with a stable AdminErrorCode. Request
  * bodies are validated strictly (unknown fields, types, sizes as whole numbers) before
@@ -308,6 +309,11 @@ function buildRoutes(engine: EngineAdmin): Route[] {
     r('POST', '/v1/snapshots/:name/complete', async ([name], b) => {
       noBody(b);
       return ok(engine.completeSnapshot(name!));
+    }),
+    r('POST', '/v1/volumes/:name/migrate', async ([name], b) => {
+      const o = object(parseJson(b), ['to']);
+      if (!Array.isArray(o.to) || o.to.length === 0 || !o.to.every((x) => typeof x === 'string' && x.length > 0)) throw bad(`to: ${describe(o.to)} is not a non-empty list of disk ids`);
+      return ok(await engine.migrateVolume(name!, o.to as string[]));
     }),
     r('POST', '/v1/clones', async (_, b) => {
       const o = object(parseJson(b), ['source', 'name']);

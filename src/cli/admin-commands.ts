@@ -250,6 +250,28 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
+  program.command('migrate')
+    .description('move a volume to other disks while hosts keep doing I/O (a background task; resumed by another node if this one dies)')
+    .argument('<volume>', 'volume name', nameArg('VOLUME'))
+    .requiredOption('--to <disks>', 'comma-separated destination disks', disksArg)
+    .option('--wait', 'wait for the migration to finish, showing progress', false)
+    .action(async (volume: string, o: CommonOptions & { to: string[]; wait: boolean }) => {
+      await withNode('dve migrate', o, async (c) => {
+        const task = await c.migrateVolume(volume, o.to);
+        if (!o.wait) {
+          if (o.json) return printJson(task);
+          return out(`migrating ${volume} to ${o.to.join(',')} in the background (task ${task.id}; follow it with: dve status)`);
+        }
+        const final = await waitForTask(c, task, o.json);
+        if (o.json) printJson(final);
+        else if (final.state === 'done') out(`volume ${volume} is on ${o.to.join(',')}`);
+        if (final.state !== 'done') {
+          process.stderr.write(`dve migrate: task ${final.id} ${final.state}${final.message ? `: ${final.message}` : ''}\n`);
+          return 1;
+        }
+      });
+    });
+
   const snapshot = program.command('snapshot').description('copy-on-write snapshots: instant, read-only, exported over NBD under their own name');
   snapshot.command('create')
     .description('snapshot VOL as NAME; with --group, snapshot several volumes at one instant (named VOL.NAME)')
@@ -336,7 +358,7 @@ export function registerAdminCommands(program: Command): void {
     });
 
   // Listed after each command's own options in --help.
-  for (const cmd of [...volume.commands, ...disk.commands, ...snapshot.commands, ...clone.commands, status]) common(cmd);
+  for (const cmd of [...volume.commands, ...disk.commands, ...snapshot.commands, ...clone.commands, status, program.commands.find((c) => c.name() === 'migrate')!]) common(cmd);
 }
 
 // ---------------------------------------------------------------- --wait
@@ -392,7 +414,11 @@ async function waitForTask(c: AdminClient, first: TaskInfo, json: boolean): Prom
       }
       await new Promise((r) => setTimeout(r, POLL_MS));
       const s = await c.status();
-      task = s.tasks.find((t) => t.id === first.id) ?? vanished(first, s);
+      // A task set resumed by another node (its node died) continues under a new id there.
+      task = s.tasks.find((t) => t.id === first.id)
+        ?? s.tasks.find((t) => t.kind === first.kind && t.target === first.target && t.state === 'running')
+        ?? s.tasks.find((t) => t.kind === first.kind && t.target === first.target && t.startedAt >= first.startedAt && t.state === 'done')
+        ?? vanished(first, s);
     }
   } finally {
     process.off('SIGINT', onInterrupt);

@@ -71,6 +71,8 @@ export interface VolumeInfo {
   /** Snapshot: its origin; clone: its base snapshot. */
   base?: string | null;
   readOnly?: boolean;
+  /** Destination disks of a migration in progress, and how far its barrier is. */
+  migration?: { to: string[]; doneBytes: number } | null;
   /** Bytes still read from the base (not yet copied into its own storage). */
   sharedBytes?: number;
   createdAt?: string | null;
@@ -173,4 +175,6 @@ export interface EngineAdmin {
   createClone(source: string, name: string): Promise<VolumeInfo>;
   /** Push every unit a snapshot still shares with its origin, in the background. */
   completeSnapshot(name: string): TaskInfo;
+  /** Move a volume to other disks online (background task). */
+  migrateVolume(name: string, to: string[]): Promise<TaskInfo>;
 }

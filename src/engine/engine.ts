@@ -147,6 +147,10 @@ export const ROOT_LOCK = 'dve.root[0]';
 function hdrLock(v: { headerChunk: number }): string {
   return `vol${v.headerChunk}.hdr[0]`;
 }
+/** The migration task set of a volume: held (non-volatile) by the node running it. */
+function migLock(v: { headerChunk: number }): string {
+  return `vol${v.headerChunk}.mig[0]`;
+}
 /** The write journal of a volume: one appender at a time. */
 function jnlLock(v: { headerChunk: number }): string {
   return `vol${v.headerChunk}.jnl[0]`;
@@ -617,6 +621,16 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   private async replayRecord(lock: string, why: string): Promise<void> {
     const p = parseVolumeLock(lock);
     const v = p && this.volumeByHeader(p.headerChunk);
+    if (p?.kind === 'mig' && v) {
+      // A migration task set whose node died: resume it from the recorded barrier.
+      const fresh = await readVolume(this.store, v.headerChunk);
+      if (fresh.header.migration) {
+        v.header.migration = fresh.header.migration;
+        this.log.warn({ volume: v.header.name, nextUnit: fresh.header.migration.nextUnit, why }, 'resuming a migration');
+        this.runMigration(v);
+      }
+      return;
+    }
     if (!p || !v || p.kind !== 'mw' || !isMirrored(v.header.layout)) return;
     const E = this.root.extentBytes;
     const e = p.index;
@@ -642,8 +656,12 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     return undefined;
   }
 
-  private async flushVolumeDisks(v: Volume): Promise<void> {
-    for (const id of this.volumeDisks(v)) {
+  private flushVolumeDisks(v: Volume): Promise<void> {
+    return this.flushDisks(this.volumeDisks(v));
+  }
+
+  private async flushDisks(ids: string[]): Promise<void> {
+    for (const id of ids) {
       const d = this.disks.get(id)!;
       if (d.state !== 'online') continue;
       const r = await diskIo((done) => d.flush(done));
@@ -691,7 +709,9 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   private recordExtents(rec: VolumeRecord): PhysicalExtent[] {
     const out = this.extentsOf(rec.map);
     for (const r of rec.header.journal?.regions ?? []) out.push({ disk: r.disk, offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes });
-    return out;
+    // A migration's destination is the volume's too (switched units appear in both maps).
+    if (rec.header.migration) out.push(...this.extentsOf(new VolumeMap([Vseg.fromJSON(rec.header.migration.dest)])));
+    return uniqueExtents(out, this.root.extentBytes);
   }
 
   /** The journal writer of a volume, positioned after the last valid record of the active region. */
@@ -974,9 +994,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   }
 
   private volumeDisks(v: Volume): string[] {
-    const s = new Set<string>();
-    for (const vs of v.map.vsegs) for (const [, e] of vs.redirects.entries()) for (const p of placementsOf(e.storage)) s.add(p.disk);
-    return [...s].sort();
+    return this.mapDisks(v.map);
   }
 
   private volumeInfo(v: Volume): VolumeInfo {
@@ -1000,6 +1018,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       journal: v.journal ? this.journalInfo(v.journal) : null,
       fp,
       kind: h.kind ?? 'volume', base: h.base ?? null, readOnly: h.readOnly ?? false,
+      migration: h.migration ? { to: h.migration.to, doneBytes: Math.min(h.sizeBytes, h.migration.nextUnit * this.unitBytes(v)) } : null,
       sharedBytes: Math.min(h.sizeBytes, v.sharedSet.size * this.unitBytes(v)), createdAt: h.createdAt ?? null,
     };
   }
@@ -1130,8 +1149,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     return out;
   }
 
-  /** Copy [start, start + len) of `from`'s data (through its bases) into `to`'s own storage (every side). */
-  private async copyVolumeRange(from: Volume, to: Volume, start: number, len: number): Promise<void> {
+  /** Copy [start, start + len) of `from`'s data (through its bases) into `to`'s own storage, or `toMap`'s (every side). */
+  private async copyVolumeRange(from: Volume, to: Volume, start: number, len: number, toMap: VolumeMap = to.map): Promise<void> {
     const buf = Buffer.allocUnsafe(Math.min(len, COPY_CHUNK_BYTES));
     for (let pos = start; pos < start + len;) {
       const n = Math.min(start + len - pos, buf.length);
@@ -1150,7 +1169,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       }
       // Write into the target's own map.
       for (let off = 0; off < n;) {
-        const r = to.map.resolve(pos + off);
+        const r = toMap.resolve(pos + off);
         if (!r) throw new Error(`copy: ${to.header.name} has no storage at ${pos + off}`);
         const m = Math.min(n - off, r.extentRemainingBytes);
         for (const piece of mapRange(r.entry.storage, r.relativeBytes, m)) {
@@ -1166,8 +1185,14 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       }
       pos += n;
     }
-    // Durable before the shared bit is cleared on media.
-    await this.flushVolumeDisks(to);
+    // Durable before the metadata says the copy exists.
+    await this.flushDisks(this.mapDisks(toMap));
+  }
+
+  private mapDisks(map: VolumeMap): string[] {
+    const s = new Set<string>();
+    for (const vs of map.vsegs) for (const [, e] of vs.redirects.entries()) for (const p of placementsOf(e.storage)) s.add(p.disk);
+    return [...s].sort();
   }
 
   /**
@@ -1267,6 +1292,155 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     return info;
   }
 
+  // ── online migration (seed 004 Figs. 23-24) ────────────────────────────────
+  /*
+   * `migrate` moves a volume to other disks while hosts do I/O. The destination is
+   * allocated up front (with the root oplock) and recorded in the header; then, unit
+   * by unit, under the volume's header oplock: mark the unit in progress (every node
+   * revokes and drains; the unit becomes read-only), copy it, switch the unit's rmap
+   * to the destination and move the barrier. Writes to the unit being copied fault and
+   * wait for the barrier to move; all other I/O goes on through the FP. The migration
+   * is a task set that holds a non-volatile oplock (vol<h>.mig[0]): if its node dies,
+   * the node that evicts it inherits the oplock and resumes from the recorded barrier.
+   */
+
+  private inMigrationCopy(v: Volume, offsetBytes: number, lengthBytes: number): boolean {
+    const mig = v.header.migration;
+    if (!mig || mig.inProgress === null) return false;
+    const ub = this.unitBytes(v);
+    const u = mig.inProgress;
+    return offsetBytes < (u + 1) * ub && u * ub < offsetBytes + Math.max(lengthBytes, 1);
+  }
+
+  migrateVolume(name: string, to: string[]): Promise<TaskInfo> {
+    return this.exclusive(() => this.withRoot(async () => {
+      const v = this.volume(name);
+      if (v.header.migration) throw new AdminError('EBUSY', `volume ${name} is already migrating (to ${v.header.migration.to.join(',')})`);
+      if (v.header.kind === 'snapshot' || v.header.base || this.derivedOf(v).length > 0) throw new AdminError('EBUSY', `volume ${name} has snapshots or clones sharing its storage; migrate it once they are deleted or complete`);
+      if (v.header.journal) throw new AdminError('EINVAL', `volume ${name} has a write journal; journaled volumes cannot migrate yet`);
+      if (to.length === 0) throw new AdminError('EINVAL', 'name at least one destination disk');
+      for (const d of to) {
+        if (!this.disks.has(d)) throw new AdminError('EINVAL', `unknown disk ${d}`);
+        if (this.disks.get(d)!.state !== 'online') throw new AdminError('EINVAL', `disk ${d} is ${this.disks.get(d)!.state}`);
+      }
+      const h = v.header;
+      const shape = { layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes ?? DEFAULT_STRIPE_BYTES, columns: h.columns };
+      const built = this.buildVseg(0, h.sizeBytes, shape, to);
+      h.migration = { to, dest: built.vseg.toJSON(), nextUnit: 0, inProgress: null, startedAt: new Date().toISOString(), copiedBytes: 0 };
+      try {
+        await this.persistHeader(v);
+      } catch (e) {
+        this.allocator.free(built.extents);
+        h.migration = null;
+        throw e;
+      }
+      this.log.info({ volume: name, to }, 'migration started');
+      return this.runMigration(v);
+    }, [this.volume(name)]));
+  }
+
+  /** Start (or resume, after this node inherited it) the migration task of v. */
+  private runMigration(v: Volume): TaskInfo {
+    const name = v.header.name;
+    const running = this.tasks.find((t) => t.info.kind === 'migrate' && t.info.target === `volume ${name}` && t.info.state === 'running');
+    if (running) return running.info;
+    const mig = v.header.migration!;
+    const ub = this.unitBytes(v);
+    const units = Math.ceil(v.header.sizeBytes / ub);
+    const info: TaskInfo = {
+      id: `migrate-${name}-${Date.now()}`, kind: 'migrate', target: `volume ${name}`, state: 'running',
+      doneBytes: Math.min(v.header.sizeBytes, mig.nextUnit * ub), totalBytes: v.header.sizeBytes, percent: 0, rateBytesPerSec: 0,
+      startedAt: new Date().toISOString(), finishedAt: null, message: `to ${mig.to.join(',')}`,
+    };
+    const task: Task = { info, cancelled: false };
+    this.tasks.push(task);
+    const started = Date.now();
+    const startBytes = info.doneBytes;
+    void (async () => {
+      await this.cluster.hold(migLock(v));
+      try {
+        for (;;) {
+          if (task.cancelled || v.gone) throw new Error('cancelled');
+          const next = v.header.migration?.nextUnit ?? units;
+          if (next >= units) break;
+          await this.migrateUnit(v, next);
+          info.doneBytes = Math.min(v.header.sizeBytes, (next + 1) * ub);
+          info.percent = Math.round((info.doneBytes / info.totalBytes) * 1000) / 10;
+          info.rateBytesPerSec = Math.round((info.doneBytes - startBytes) / Math.max(0.001, (Date.now() - started) / 1000));
+        }
+        await this.finishMigration(v);
+      } finally {
+        this.cluster.unhold(migLock(v));
+      }
+      info.state = 'done';
+      info.percent = 100;
+      info.finishedAt = new Date().toISOString();
+      this.log.info({ volume: name, bytes: info.doneBytes - startBytes, ms: Date.now() - started }, 'migration done');
+    })().catch((err: Error) => {
+      info.state = task.cancelled ? 'cancelled' : 'failed';
+      info.message = err.message;
+      info.finishedAt = new Date().toISOString();
+      if (!task.cancelled) this.log.error({ volume: name, err: err.message }, 'migration failed; it resumes from the barrier when restarted');
+    });
+    return info;
+  }
+
+  /** Copy one unit to the destination and switch it, in two header-oplock steps. */
+  private async migrateUnit(v: Volume, u: number): Promise<void> {
+    const ub = this.unitBytes(v);
+    const start = u * ub;
+    const len = Math.min(ub, v.header.sizeBytes - start);
+    // 1. The unit becomes read-only everywhere (writes to it wait), in-flight I/O drains.
+    await this.withVolumes([v], true, async () => {
+      v.header.migration!.inProgress = u;
+      await this.persistHeader(v);
+      await v.fp.drain(v.fp.removeMapping(start, len), start, len);
+    });
+    // 2. Copy source → destination.
+    await this.copyVolumeRange(v, v, start, len, new VolumeMap([Vseg.fromJSON(v.header.migration!.dest)]));
+    // 3. Switch the unit to the destination; the barrier moves.
+    await this.withVolumes([v], true, async () => {
+      const mig = v.header.migration!;
+      const destMap = new VolumeMap([Vseg.fromJSON(mig.dest)]);
+      for (let pos = start; pos < start + len;) {
+        const d = destMap.resolve(pos)!;
+        const n = Math.min(start + len - pos, d.extentRemainingBytes);
+        const vi = v.map.findVseg(pos);
+        const vs = v.map.vsegs[vi]!;
+        const m = Math.min(n, vs.endBytes - pos);
+        const entry = { storage: d.entry.storage, faultOnRead: false, faultOnWrite: false, generation: 0, originBytes: pos - vs.startBytes - d.relativeBytes };
+        let idx = vs.redirects.indexOf(entry);
+        if (idx < 0) idx = vs.redirects.add(entry);
+        vs.rmap.map(pos - vs.startBytes, m, idx);
+        pos += m;
+      }
+      mig.inProgress = null;
+      mig.nextUnit = u + 1;
+      mig.copiedBytes += len;
+      await writeVolume(this.store, v, this.chunkAllocator());
+      v.fp.removeMapping(start, len);
+    });
+    this.wake(v);
+  }
+
+  /** Every unit is on the destination: drop the source storage and the migration record (root oplock: space is freed). */
+  private async finishMigration(v: Volume): Promise<void> {
+    await this.exclusive(() => this.withRoot(async () => {
+      const mig = v.header.migration;
+      if (!mig) return;
+      // Unreferenced redirect entries (the source) go; the allocator frees what no map names.
+      for (const vs of v.map.vsegs) {
+        const used = new Set(vs.rmap.extents().map((e) => e.redirect));
+        for (const [idx] of [...vs.redirects.entries()]) if (!used.has(idx)) vs.redirects.release(idx);
+      }
+      v.header.migration = null;
+      await writeVolume(this.store, v, this.chunkAllocator());
+      await this.commitRoot();
+      v.fp.drain(v.fp.removeAllMappings());
+    }, [v]));
+    await this.reloadRoot();
+  }
+
   // ── the CP API: mapping misses ───────────────────────────────────────────
   mappingMiss(volume: string, offsetBytes: number, _lengthBytes: number): MissAnswer {
     const v = this.volumes.get(volume);
@@ -1292,6 +1466,15 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       faultOnWrite ||= !this.writeHeld(v, e) || v.closing.has(e) || this.needsAge(v, e);
     }
     faultOnWrite ||= this.cowPending(v, start, end - start);
+    const mig = v.header.migration;
+    if (mig) {
+      // During a migration mappings cover one unit; the unit being copied is read-only.
+      const ub = this.unitBytes(v);
+      const u = Math.floor(offsetBytes / ub);
+      start = Math.max(start, u * ub);
+      end = Math.min(end, (u + 1) * ub);
+      if (mig.inProgress === u) faultOnWrite = true;
+    }
     // A journaled volume appends through the FP only while this node holds the journal.
     if (v.header.journal && !v.jnlHeld) faultOnWrite = true;
     const m: FpMapping = {
@@ -1438,6 +1621,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   private writeReady(v: Volume, offsetBytes: number, lengthBytes: number): boolean {
     if (v.header.journal && (!v.jnlHeld || v.jnlReleasing)) return false;
     if (this.cowPending(v, offsetBytes, lengthBytes) || this.sharedIn(v, offsetBytes, lengthBytes)) return false;
+    if (this.inMigrationCopy(v, offsetBytes, lengthBytes)) return false;
     if (!isMirrored(v.header.layout)) return true;
     const E = this.root.extentBytes;
     for (let e = Math.floor(offsetBytes / E); e <= Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E); e++) {
@@ -1459,6 +1643,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     const first = Math.floor(offsetBytes / E);
     const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / E);
     const mirrored = isMirrored(v.header.layout);
+    // A write inside the migration's copy barrier waits for the barrier to move.
+    while (this.inMigrationCopy(v, offsetBytes, lengthBytes) && !v.gone) await new Promise<void>((r) => v.wakers.push(r));
     // Snapshots and clones first: the base's data must be in place before the write.
     if (await this.materializeRange(v, offsetBytes, lengthBytes)) v.fp.removeMapping(offsetBytes, Math.max(lengthBytes, 1));
     const waits: Promise<void>[] = [];
@@ -1963,6 +2149,27 @@ function descriptorFor(shape: { layout: Layout; copies: number; stripeBytes: num
       return { kind: 'striped-mirrored', stripeBytes: shape.stripeBytes, columns };
     }
   }
+}
+
+/** The same physical extents, each allocation extent once, as runs. */
+function uniqueExtents(list: PhysicalExtent[], E: number): PhysicalExtent[] {
+  const byDisk = new Map<string, Set<number>>();
+  for (const x of list) {
+    let s = byDisk.get(x.disk);
+    if (!s) byDisk.set(x.disk, (s = new Set()));
+    for (let off = x.offsetBytes; off < x.offsetBytes + x.lengthBytes; off += E) s.add(off);
+  }
+  const out: PhysicalExtent[] = [];
+  for (const [disk, s] of byDisk) {
+    const offs = [...s].sort((a, b) => a - b);
+    for (let i = 0; i < offs.length;) {
+      let j = i;
+      while (j + 1 < offs.length && offs[j + 1] === offs[j]! + E) j++;
+      out.push({ disk, offsetBytes: offs[i]!, lengthBytes: (j - i + 1) * E });
+      i = j + 1;
+    }
+  }
+  return out;
 }
 
 function diskIo(f: (done: IoDone) => void): Promise<number> {

@@ -17,7 +17,7 @@
  */
 import { Rmap, type RmapJSON } from '../map/rmap.js';
 import { RedirectTable, type RedirectTableJSON } from '../map/redirect.js';
-import { Vseg, VolumeMap } from '../map/vseg.js';
+import { Vseg, VolumeMap, type VsegJSON } from '../map/vseg.js';
 import type { ChunkStore } from '../meta/chunk-store.js';
 import type { Layout } from './admin-api.js';
 import type { JournalRegion } from '../journal/write-journal.js';
@@ -75,6 +75,22 @@ export interface VolumeHeader {
   shared?: Uint8Array | null;
   readOnly?: boolean;
   createdAt?: string;
+  /**
+   * An online migration in progress (seed 004 Figs. 23-24): the destination storage
+   * (a VSEG over the whole volume, allocated up front), and the copy barrier: units
+   * below `nextUnit` were copied and switched to the destination; `inProgress` is the
+   * unit being copied (read-only meanwhile: writes to it wait for the barrier to move).
+   */
+  migration?: MigrationState | null;
+}
+
+export interface MigrationState {
+  to: string[];
+  dest: VsegJSON;
+  nextUnit: number;
+  inProgress: number | null;
+  startedAt: string;
+  copiedBytes: number;
 }
 
 /** Unit indexes set in a bitmap. */

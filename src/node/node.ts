@@ -11,7 +11,7 @@ import { embeddedDefault, type Config, type NodeConfig } from '../config/config.
 import { Engine } from '../engine/engine.js';
 import { Mesh } from '../../cluster/mesh.js';
 import { Coordinator } from '../../cluster/coordinator.js';
-import type { NodeInfo, NodeStatus } from '../engine/admin-api.js';
+import type { NodeInfo, NodeStatus, TaskInfo } from '../engine/admin-api.js';
 import { SyncDriver } from '../../cluster/sync-driver.js';
 import { IoPauseCoordinator } from '../../cluster/io-pause.js';
 import { NbdServer } from '../../nbd/server.js';
@@ -137,8 +137,8 @@ export async function startNode(o: NodeOptions): Promise<RunningNode> {
     // Peers ask for this node's view when an operator runs `dve status` against them.
     mesh.on('message', (peer, type, _body, c) => {
       if (type !== 'status' || c === 0) return;
-      const self = engine.status().nodes.find((n) => n.id === o.nodeId);
-      theMesh!.reply(peer, c, self ?? null);
+      const st = engine.status();
+      theMesh!.reply(peer, c, { node: st.nodes.find((n) => n.id === o.nodeId) ?? null, tasks: st.tasks });
     });
   }
   const server = new NbdServer(engine.exports, log);
@@ -195,8 +195,10 @@ function clusterAdmin(engine: Engine, mesh: Mesh | null): Engine {
         await Promise.all(s.nodes.map(async (n, i) => {
           if (n.state !== 'joined') return;
           try {
-            const peer = (await mesh.request(n.id, 'status', {}, 1000)) as NodeInfo | null;
+            const r = (await mesh.request(n.id, 'status', {}, 1000)) as { node?: NodeInfo | null; tasks?: TaskInfo[] } | null;
+            const peer = r?.node;
             if (peer && typeof peer === 'object' && peer.id === n.id) s.nodes[i] = { ...n, ...peer, state: 'joined', evictions: n.evictions };
+            if (Array.isArray(r?.tasks)) for (const t of r.tasks) if (!s.tasks.some((x) => x.id === t.id)) s.tasks.push({ ...t, message: t.message ? `${t.message} (node ${n.id})` : `node ${n.id}` });
           } catch {
             // A peer that does not answer keeps the entry the membership gives.
           }

@@ -102,3 +102,27 @@ test('completion pushes every shared unit; delete refuses while others read from
   t.is(e.listDisks().reduce((a, d) => a + d.freeExtents, 0), free0, 'deleting the snapshot returned its space');
   t.deepEqual((await e.verifyVolume('o')).mismatches, []);
 });
+
+test('migration under writes: every unit moves to the new disks, data intact, sides equal, old space freed', async (t) => {
+  const e = await open(t);
+  const info0 = e.showVolume('o');
+  t.deepEqual(info0.disks, ['d1', 'd2']);
+  for (let i = 0; i < 8; i++) t.is(await write(e, 'o', 0x70 + i, i * MiB + 4096), 0);
+  const task = await e.migrateVolume('o', ['d3', 'd4']);
+  // Writes go on while it copies.
+  let k = 0;
+  while (task.state === 'running' && k < 2000) {
+    t.is(await write(e, 'o', 0xa0 + (k % 8), (k % 8) * MiB + 8192), 0);
+    k++;
+  }
+  for (let i = 0; i < 200 && task.state === 'running'; i++) await new Promise((r) => setTimeout(r, 10));
+  t.is(task.state, 'done', task.message ?? '');
+  const info = e.showVolume('o');
+  t.deepEqual(info.disks, ['d3', 'd4']);
+  t.is(info.migration, null);
+  for (let i = 0; i < 8; i++) t.true((await read(e, 'o', i * MiB + 4096)).equals(Buffer.alloc(4096, 0x70 + i)), `unit ${i} data moved`);
+  t.deepEqual((await e.verifyVolume('o')).mismatches, []);
+  const used = e.listDisks().filter((d) => d.extents - d.freeExtents > 0).map((d) => d.id);
+  t.deepEqual(used, ['d3', 'd4'], 'the source extents were freed');
+  t.log(`${k} writes during the migration`);
+});
