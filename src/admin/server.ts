@@ -18,6 +18,7 @@
  *   POST   /v1/snapshots/:name/complete → TaskInfo
  *   POST   /v1/clones                   { source, name } → 201 VolumeInfo
  *   POST   /v1/volumes/:name/migrate    { to: [disk ids] } → TaskInfo
+ *   POST   /v1/volumes/:name/reconfigure { split: offset } | { merge: vseg index } → VolumeInfo
  *
  * Every error is `{ error: { code, message } }` with a stable AdminErrorCode. Request
  * bodies are validated strictly (unknown fields, types, sizes as whole numbers) before
@@ -309,6 +310,13 @@ function buildRoutes(engine: EngineAdmin): Route[] {
     r('POST', '/v1/snapshots/:name/complete', async ([name], b) => {
       noBody(b);
       return ok(engine.completeSnapshot(name!));
+    }),
+    r('POST', '/v1/volumes/:name/reconfigure', async ([name], b) => {
+      const o = object(parseJson(b), ['split', 'merge']);
+      if ((o.split === undefined) === (o.merge === undefined)) throw bad('give exactly one of split (a byte offset) or merge (a VSEG index)');
+      if (o.split !== undefined) return ok(await engine.reconfigureVolume(name!, { split: positiveSize(o.split, 'split') }));
+      if (typeof o.merge !== 'number' || !Number.isInteger(o.merge) || o.merge < 0) throw bad(`merge: ${describe(o.merge)} is not a VSEG index`);
+      return ok(await engine.reconfigureVolume(name!, { merge: o.merge }));
     }),
     r('POST', '/v1/volumes/:name/migrate', async ([name], b) => {
       const o = object(parseJson(b), ['to']);

@@ -178,6 +178,30 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
+  volume.command('split')
+    .description('split the VSEG holding an offset into two (online, metadata only)')
+    .argument('<name>', 'volume name', nameArg('NAME'))
+    .requiredOption('--at <offset>', 'byte offset of the new VSEG boundary (a multiple of 4K, e.g. 512M)', sizeArg('--at'))
+    .action(async (name: string, o: CommonOptions & { at: number }) => {
+      await withNode('dve volume split', o, async (c) => {
+        const v = await c.reconfigureVolume(name, { split: o.at });
+        if (o.json) return printJson(v);
+        out(`volume ${v.name} now has ${plural(v.vsegs, 'vseg')}`);
+      });
+    });
+
+  volume.command('merge')
+    .description('merge VSEG i with the next one (online, metadata only)')
+    .argument('<name>', 'volume name', nameArg('NAME'))
+    .requiredOption('--vseg <i>', 'index of the left VSEG (0 is the first)', wholeArg('--vseg', 0))
+    .action(async (name: string, o: CommonOptions & { vseg: number }) => {
+      await withNode('dve volume merge', o, async (c) => {
+        const v = await c.reconfigureVolume(name, { merge: o.vseg });
+        if (o.json) return printJson(v);
+        out(`volume ${v.name} now has ${plural(v.vsegs, 'vseg')}`);
+      });
+    });
+
   volume.command('delete')
     .description('delete a volume and free its extents')
     .argument('<name>', 'volume name', nameArg('NAME'))

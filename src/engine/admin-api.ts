@@ -175,6 +175,8 @@ export interface EngineAdmin {
   createClone(source: string, name: string): Promise<VolumeInfo>;
   /** Push every unit a snapshot still shares with its origin, in the background. */
   completeSnapshot(name: string): TaskInfo;
+  /** Split a VSEG at an offset, or merge VSEG i with the next (metadata only, online). */
+  reconfigureVolume(name: string, op: { split: number } | { merge: number }): Promise<VolumeInfo>;
   /** Move a volume to other disks online (background task). */
   migrateVolume(name: string, to: string[]): Promise<TaskInfo>;
 }

@@ -815,7 +815,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
         // Peers revoked and drained under the header oplock; they reread the new VSEG after.
         v.map.append(built.vseg);
         v.header.sizeBytes = sizeBytes;
-        await writeVolume(this.store, v, this.chunkAllocator());
+        await this.writeVolumeShadowed(v);
         await this.commitRoot();
       } catch (e) {
         this.allocator.free(built.extents);
@@ -1292,6 +1292,52 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     return info;
   }
 
+  // ── online reconfiguration ───────────────────────────────────────────────
+  /**
+   * Write a volume whose VSEG structure changed: the rmap chunks go to fresh chunk
+   * ids and the header, written last, is the commit point (a crash before it leaves
+   * the old header naming the old, intact chunks). Call with the root oplock held.
+   */
+  private async writeVolumeShadowed(v: Volume): Promise<void> {
+    const old = v.rmapChunks;
+    v.rmapChunks = [];
+    try {
+      await writeVolume(this.store, v, this.chunkAllocator());
+    } catch (e) {
+      v.rmapChunks = old;
+      throw e;
+    }
+  }
+
+  /**
+   * Split a VSEG at a byte offset, or merge VSEG i with the next (seed 004, LV
+   * reconfiguration): metadata only, every byte keeps its storage. Under the root
+   * oplock (fresh chunks) and the volume's header oplock (every node revokes, drains
+   * and rereads), written shadowed so a crash completes or leaves the old layout.
+   */
+  reconfigureVolume(name: string, op: { split: number } | { merge: number }): Promise<VolumeInfo> {
+    return this.exclusive(() => this.withRoot(async () => {
+      const v = this.volume(name);
+      if ('split' in op) {
+        if (!Number.isSafeInteger(op.split) || op.split <= 0 || op.split >= v.header.sizeBytes || op.split % 4096 !== 0) {
+          throw new AdminError('EINVAL', `split offset ${op.split} must be a multiple of 4096 inside the volume (0 < offset < ${v.header.sizeBytes})`);
+        }
+        if (v.map.vsegs.some((x) => x.startBytes === op.split)) throw new AdminError('EINVAL', `offset ${op.split} is already a VSEG boundary`);
+        v.map.split(op.split);
+      } else {
+        if (!Number.isInteger(op.merge) || op.merge < 0 || op.merge + 1 >= v.map.vsegs.length) {
+          throw new AdminError('EINVAL', `VSEG ${op.merge} has no next VSEG to merge with (the volume has ${v.map.vsegs.length})`);
+        }
+        v.map.merge(op.merge);
+      }
+      v.map.checkInvariants();
+      await v.fp.drain(v.fp.removeAllMappings());
+      await this.writeVolumeShadowed(v);
+      this.log.info({ volume: name, op, vsegs: v.map.vsegs.length }, 'volume reconfigured');
+      return this.volumeInfo(v);
+    }, [this.volume(name)]));
+  }
+
   // ── online migration (seed 004 Figs. 23-24) ────────────────────────────────
   /*
    * `migrate` moves a volume to other disks while hosts do I/O. The destination is
@@ -1414,10 +1460,15 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
         vs.rmap.map(pos - vs.startBytes, m, idx);
         pos += m;
       }
+      // Crash-safe order: the header with the new redirect entry (harmless unused), then
+      // the rmap chunks, then the header with the barrier moved. A crash in between
+      // leaves inProgress = u: the resumed task copies u again.
+      await this.persistHeader(v); // the header holds the redirect tables, the chunks the rmaps
+      await writeVolume(this.store, v, () => { throw new Error('a migration step must not need new rmap chunks'); });
       mig.inProgress = null;
       mig.nextUnit = u + 1;
       mig.copiedBytes += len;
-      await writeVolume(this.store, v, this.chunkAllocator());
+      await this.persistHeader(v);
       v.fp.removeMapping(start, len);
     });
     this.wake(v);
@@ -1434,7 +1485,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
         for (const [idx] of [...vs.redirects.entries()]) if (!used.has(idx)) vs.redirects.release(idx);
       }
       v.header.migration = null;
-      await writeVolume(this.store, v, this.chunkAllocator());
+      await this.writeVolumeShadowed(v);
       await this.commitRoot();
       v.fp.drain(v.fp.removeAllMappings());
     }, [v]));

@@ -126,3 +126,22 @@ test('migration under writes: every unit moves to the new disks, data intact, si
   t.deepEqual(used, ['d3', 'd4'], 'the source extents were freed');
   t.log(`${k} writes during the migration`);
 });
+
+test('online reconfiguration: grow, split and merge VSEGs keep every byte; bad requests name the problem', async (t) => {
+  const e = await open(t);
+  for (let i = 0; i < 8; i++) t.is(await write(e, 'o', 0x30 + i, i * MiB + 123 * 512), 0);
+  await e.growVolume('o', 12 * MiB);
+  t.is(await write(e, 'o', 0x4f, 10 * MiB), 0);
+  t.is(e.showVolume('o').vsegs, 2);
+  t.is((await e.reconfigureVolume('o', { split: 3 * MiB })).vsegs, 3);
+  t.is((await e.reconfigureVolume('o', { split: 5 * MiB + 4096 })).vsegs, 4);
+  t.is((await e.reconfigureVolume('o', { merge: 0 })).vsegs, 3);
+  for (let i = 0; i < 8; i++) t.true((await read(e, 'o', i * MiB + 123 * 512)).equals(Buffer.alloc(4096, 0x30 + i)), `byte range ${i} intact`);
+  t.true((await read(e, 'o', 10 * MiB)).equals(Buffer.alloc(4096, 0x4f)));
+  t.is(await write(e, 'o', 0x5a, 5 * MiB), 0, 'writes across the new boundary still work');
+  t.true((await read(e, 'o', 5 * MiB, 8192)).subarray(0, 4096).equals(Buffer.alloc(4096, 0x5a)));
+  await t.throwsAsync(e.reconfigureVolume('o', { split: 5 * MiB + 4096 }), { message: /already a VSEG boundary/ });
+  await t.throwsAsync(e.reconfigureVolume('o', { split: 1000 }), { message: /multiple of 4096/ });
+  await t.throwsAsync(e.reconfigureVolume('o', { merge: 7 }), { message: /no next VSEG/ });
+  t.deepEqual((await e.verifyVolume('o')).mismatches, []);
+});
