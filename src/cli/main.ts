@@ -95,7 +95,7 @@ startOptions(nodeCmd
   .command('start')
   .description('run one node of the configuration in the foreground (pid in STATE-DIR/node-ID.pid)')
   .requiredOption('--id <n>', `which node of the configuration (0-${MAX_NODE_ID})`, nodeIdArg))
-  .option('--detach', 'run it in the background (log in STATE-DIR/node-ID.log) and return once it serves', false)
+  .option('--detach', 'run it in the background (log in STATE-DIR/node-ID.log); returns once it serves, or after 30 s once it runs but still waits for its peers', false)
   .addOption(new Option('--supervised', 'started by a foreground `dve up`: stop when stdin closes').default(false).hideHelp())
   .action(async (o: NodeStartOptions) => {
     await runNodeStart(o, onStopSignal);

@@ -25,7 +25,7 @@ import { AdminClient, formatEndpoint } from '../admin/client.js';
 import { readNodeFiles, type NodeFileInfo } from '../admin/node-file.js';
 import {
   claimPidFile, describeExit, exitStatus, forgetNode, indent, livePid, liveNodePids, logTail,
-  nodePidPath, nodeUp, reachable, removePidFileIf, signal, signalNodes, sleep, spawnNode,
+  nodePidPath, nodeUp, readPid, reachable, removePidFileIf, signal, signalNodes, sleep, spawnNode,
   supervisorPidPath, waitForExit, waitForNodeUp, type NodePid, type SpawnedNode,
 } from './cluster-processes.js';
 
@@ -55,6 +55,8 @@ const EVICTED_STATUS = 3;
 const NODE_START_TIMEOUT_MS = 30_000;
 /** How long `dve up` waits for every node to serve. */
 const UP_TIMEOUT_MS = 60_000;
+/** How long a node that is asked to stop while still starting gets to finish starting. */
+const STARTING_GRACE_MS = 5_000;
 /** How long a stop (SIGTERM) or kill (SIGKILL) waits for each process to go. */
 const STOP_TIMEOUT_MS = 30_000;
 
@@ -114,8 +116,11 @@ export async function runNodeStart(o: NodeStartOptions, onStop: OnStop): Promise
   starting.catch(() => { /* reported below */ });
   onStop(log, async () => {
     stopRequested = true;
-    const node = await starting.catch(() => null);
-    await node?.stop();
+    // A node still starting (e.g. waiting for its peers) gets a moment to finish, then
+    // goes without a graceful stop: it serves nothing yet.
+    const node = await Promise.race([starting.catch(() => null), sleep(STARTING_GRACE_MS).then(() => 'starting' as const)]);
+    if (node === 'starting') log.warn({ graceMs: STARTING_GRACE_MS }, 'still starting (waiting for the cluster?): exiting without serving');
+    else await node?.stop();
     removePidFileIf(pidPath, process.pid);
   });
   if (o.supervised) stopWhenSupervisorGoes(() => stopRequested);
@@ -166,6 +171,12 @@ async function detachNode(o: NodeStartOptions, stateDir: string): Promise<void> 
   try {
     info = await waitForNodeUp(stateDir, o.id, node.pid, NODE_START_TIMEOUT_MS, () => node.exit !== null);
   } catch (e) {
+    if (node.exit === null && readPid(nodePidPath(stateDir, o.id)) === node.pid) {
+      // Running, but not serving yet: a node waits for its peers to form the cluster
+      // (a drill restarting a node while the others are down). Leave it running.
+      process.stdout.write(`dve node start: node ${o.id} is running in the background (pid ${node.pid}) but not serving yet after ${NODE_START_TIMEOUT_MS / 1000} s (waiting for its peers?); log ${node.logPath}; stop with: dve node stop ${o.id} --state-dir ${o.stateDir}\n`);
+      return;
+    }
     await stopSpawned(stateDir, [node]);
     fail(label, `${(e as Error).message}; last lines of ${node.logPath}:\n${indent(logTail(node.logPath))}`);
   }

@@ -748,11 +748,22 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     };
   }
 
-  /** Write the root (call with the root oplock held). */
+  /** Write the root (call with the root oplock held: this node's volume table is then the cluster's). */
   private async commitRoot(): Promise<void> {
     this.root.disks = [...this.disks.values()].map((d) => ({ id: d.id, state: d.state }));
     this.root.volumes = [...this.volumes.values()].map((v) => ({ name: v.header.name, headerChunk: v.headerChunk }));
     await this.store.writeChunk(ROOT_CHUNK, this.root);
+    this.refreshChunksInUse();
+  }
+
+  /** With the root oplock held: the chunks the volume table uses are exactly those of the attached volumes. */
+  private refreshChunksInUse(): void {
+    const chunks = new Set<number>([ROOT_CHUNK]);
+    for (const v of this.volumes.values()) {
+      chunks.add(v.headerChunk);
+      for (const c of v.rmapChunks) chunks.add(c);
+    }
+    this.chunksInUse = chunks;
   }
 
   // ── volumes ──────────────────────────────────────────────────────────────
@@ -1333,6 +1344,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       v.map.checkInvariants();
       await v.fp.drain(v.fp.removeAllMappings());
       await this.writeVolumeShadowed(v);
+      this.refreshChunksInUse();
       this.log.info({ volume: name, op, vsegs: v.map.vsegs.length }, 'volume reconfigured');
       return this.volumeInfo(v);
     }, [this.volume(name)]));

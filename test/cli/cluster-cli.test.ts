@@ -36,16 +36,23 @@ test.before(() => {
 
 // ---------------------------------------------------------------- processes left behind
 
-const seenPids = new Set<number>();
-function killQuietly(pid: number): void {
+/** Pids of processes this worker saw the CLI start, with the state directory each was started for. */
+const seenPids = new Map<number, string>();
+
+/**
+ * SIGKILLs pid only while it is still one of ours: a live process whose command line
+ * names the state directory (a pid of a process that exited may have been reused).
+ */
+function killIfOurs(pid: number, stateDir: string): void {
   try {
+    if (!fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(stateDir)) return;
     process.kill(pid, 'SIGKILL');
   } catch {
     /* gone */
   }
 }
 process.on('exit', () => {
-  for (const pid of seenPids) killQuietly(pid);
+  for (const [pid, dir] of seenPids) killIfOurs(pid, dir);
 });
 
 function pidsIn(stateDir: string): number[] {
@@ -57,30 +64,32 @@ function pidsIn(stateDir: string): number[] {
   }
   return names
     .filter((n) => /^node-\d+\.pid$/.test(n) || n === 'dve.pid')
-    .map((n) => Number(fs.readFileSync(path.join(stateDir, n), 'utf8').trim()))
+    .map((n) => readPidFile(path.join(stateDir, n)) ?? 0)
     .filter((p) => Number.isInteger(p) && p > 0);
 }
 
-/** A cleanup stack that SIGKILLs every process the state directory's pid files name, and every pid seen. */
+/** A cleanup stack that SIGKILLs every process of the state directory: named by its pid files, or seen. */
 function guard(t: ExecutionContext, stateDir: string): CleanupStack {
   const cleanup = new CleanupStack(t);
   cleanup.push(`kill the processes of ${stateDir}`, async () => {
-    const pids = new Set([...pidsIn(stateDir), ...seenPids]);
-    for (const pid of pids) killQuietly(pid);
+    const pids = new Set([...pidsIn(stateDir), ...[...seenPids].filter(([, d]) => d === stateDir).map(([p]) => p)]);
+    for (const pid of pids) killIfOurs(pid, stateDir);
     for (const pid of pids) {
       for (let i = 0; i < 100 && processAlive(pid); i++) await sleep(20);
+      seenPids.delete(pid);
     }
   });
   return cleanup;
 }
 
-function notePids(r: RunResult): void {
-  for (const m of r.stdout.matchAll(/\(pid (\d+)\)/g)) seenPids.add(Number(m[1]));
+function notePids(r: RunResult, stateDir: string): void {
+  for (const m of r.stdout.matchAll(/\(pid (\d+)\)/g)) seenPids.set(Number(m[1]), stateDir);
 }
 
 function readPidFile(file: string): number | null {
   try {
-    return Number(fs.readFileSync(file, 'utf8').trim());
+    const pid = Number(fs.readFileSync(file, 'utf8').trim());
+    return Number.isInteger(pid) && pid > 0 ? pid : null;
   } catch {
     return null;
   }
@@ -131,21 +140,8 @@ async function writeClusterConfig(dir: string, count = 2): Promise<Cluster> {
   return { config, stateDir: path.join(dir, 'state'), nodes };
 }
 
-/**
- * Formats the metadata area and creates the disk files with one node, alone. Until the
- * nodes of a configuration coordinate, two of them starting at once on fresh files
- * would race to format the same metadata area.
- */
-async function initialize(t: ExecutionContext, c: Cluster): Promise<void> {
-  const start = await dve(['node', 'start', '--id', '1', '--detach', '--config', c.config, '--state-dir', c.stateDir, '--log-level', 'warn']);
-  notePids(start);
-  t.is(start.code, 0, describeResult(start));
-  const stop = await dve(['node', 'stop', '1', '--state-dir', c.stateDir]);
-  t.is(stop.code, 0, describeResult(stop));
-}
-
 /** A foreground `dve up` (the supervisor) under `timeout -s KILL`. */
-function startSupervisor(cleanup: CleanupStack, args: string[], lifetimeSec = 120) {
+function startSupervisor(cleanup: CleanupStack, stateDir: string, args: string[], lifetimeSec = 120) {
   const child = spawn('timeout', ['-s', 'KILL', String(lifetimeSec), process.execPath, DVE, 'up', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
@@ -171,7 +167,7 @@ function startSupervisor(cleanup: CleanupStack, args: string[], lifetimeSec = 12
         if (Date.now() > deadline) throw new Error(`dve up did not print ${re} within ${timeoutMs} ms:\n${stdout}\n${stderr}`);
         await sleep(25);
       }
-      for (const m of stdout.matchAll(/\(pid (\d+)\)/g)) seenPids.add(Number(m[1]));
+      for (const m of stdout.matchAll(/\(pid (\d+)\)/g)) seenPids.set(Number(m[1]), stateDir);
     },
   };
 }
@@ -190,10 +186,9 @@ async function waitGone(pid: number, timeoutMs = 10_000): Promise<boolean> {
 test.serial('up --detach brings up every node of the configuration; down stops them all', async (t) => {
   const c = await writeClusterConfig(tempDir(t));
   guard(t, c.stateDir);
-  await initialize(t, c);
 
   const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
-  notePids(up);
+  notePids(up, c.stateDir);
   t.is(up.code, 0, describeResult(up));
   const pids = new Map<number, number>();
   for (const n of c.nodes) {
@@ -226,54 +221,78 @@ test.serial('up --detach brings up every node of the configuration; down stops t
   t.regex(none.stderr, /nothing is running/);
 });
 
-test.serial('node start --id 2 --detach runs one node; a second start is refused; node stop 2 stops it', async (t) => {
+/** `dve up --detach` of the cluster; returns the node pids by id. */
+async function upDetached(t: ExecutionContext, c: Cluster): Promise<Map<number, number>> {
+  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  notePids(up, c.stateDir);
+  t.is(up.code, 0, describeResult(up));
+  const pids = new Map<number, number>();
+  for (const n of c.nodes) {
+    const pid = readPidFile(path.join(c.stateDir, `node-${n.id}.pid`));
+    if (pid !== null) pids.set(n.id, pid);
+  }
+  t.is(pids.size, c.nodes.length, up.stdout);
+  return pids;
+}
+
+test.serial('node stop 2 stops one node; node start --id 2 --detach brings it back; a second start is refused', async (t) => {
   const c = await writeClusterConfig(tempDir(t));
   guard(t, c.stateDir);
+  const pids = await upDetached(t, c);
+  const first = pids.get(2)!;
+
+  const stop = await dve(['node', 'stop', '2', '--state-dir', c.stateDir]);
+  t.is(stop.code, 0, describeResult(stop));
+  t.regex(stop.stdout, new RegExp(`stopped node 2 \\(pid ${first}\\)`));
+  t.false(processAlive(first));
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.pid')));
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.json')));
+  t.regex(fs.readFileSync(path.join(c.stateDir, 'node-2.log'), 'utf8'), /"msg":"stopped"/, 'it stopped gracefully');
+  t.true(processAlive(pids.get(1)!), 'node 1 keeps running');
+
   const start = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
-  notePids(start);
+  notePids(start, c.stateDir);
   t.is(start.code, 0, describeResult(start));
   const m = /node 2 running in the background \(pid (\d+)\)/.exec(start.stdout);
   t.truthy(m, start.stdout);
   const pid = Number(m![1]);
+  t.not(pid, first);
   t.regex(start.stdout, new RegExp(`nbd 127\\.0\\.0\\.1:${c.nodes[1]!.nbd}, admin 127\\.0\\.0\\.1:${c.nodes[1]!.admin}`));
   t.is(readPidFile(path.join(c.stateDir, 'node-2.pid')), pid);
   t.true(processAlive(pid));
-  t.false(fs.existsSync(path.join(c.stateDir, 'node-1.pid')), 'only node 2 runs');
   t.regex(fs.readFileSync(path.join(c.stateDir, 'node-2.log'), 'utf8'), new RegExp(`dve node: node 2 \\(pid ${pid}\\)`));
 
   const again = await dve(['node', 'start', '--id', '2', '--config', c.config, '--state-dir', c.stateDir]);
   t.is(again.code, 1);
   t.regex(again.stderr, new RegExp(`node 2 is already running \\(pid ${pid}\\)`));
 
-  const stop = await dve(['node', 'stop', '2', '--state-dir', c.stateDir]);
-  t.is(stop.code, 0, describeResult(stop));
-  t.regex(stop.stdout, new RegExp(`stopped node 2 \\(pid ${pid}\\)`));
-  t.false(processAlive(pid));
-  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.pid')));
-  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.json')));
-  t.regex(fs.readFileSync(path.join(c.stateDir, 'node-2.log'), 'utf8'), /"msg":"stopped"/, 'it stopped gracefully');
+  const down = await dve(['down', '--state-dir', c.stateDir]);
+  t.is(down.code, 0, describeResult(down));
+  t.regex(down.stdout, new RegExp(`stopped node 2 \\(pid ${pid}\\)`));
+  t.deepEqual(pidsIn(c.stateDir), []);
 });
 
-test.serial('node kill 2 SIGKILLs the node and waits until it is gone', async (t) => {
+test.serial('node kill 2 SIGKILLs the node and waits until it is gone; the node can be started again', async (t) => {
   const c = await writeClusterConfig(tempDir(t));
   guard(t, c.stateDir);
-  const start = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
-  notePids(start);
-  t.is(start.code, 0, describeResult(start));
-  const pid = readPidFile(path.join(c.stateDir, 'node-2.pid'))!;
-  t.true(processAlive(pid));
+  const pids = await upDetached(t, c);
+  const pid = pids.get(2)!;
   const kill = await dve(['node', 'kill', '2', '--state-dir', c.stateDir]);
   t.is(kill.code, 0, describeResult(kill));
   t.regex(kill.stdout, new RegExp(`killed node 2 \\(pid ${pid}\\)`));
   t.false(processAlive(pid), 'gone when the command returns');
   t.false(fs.existsSync(path.join(c.stateDir, 'node-2.pid')), 'the stale pid file is removed');
+  t.false(fs.existsSync(path.join(c.stateDir, 'node-2.json')), 'and the stale node file');
   t.notRegex(fs.readFileSync(path.join(c.stateDir, 'node-2.log'), 'utf8'), /"msg":"stopped"/, 'no graceful stop');
-  // The node can be started again after the drill.
+  t.true(processAlive(pids.get(1)!), 'node 1 keeps running');
+
   const restart = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
-  notePids(restart);
+  notePids(restart, c.stateDir);
   t.is(restart.code, 0, describeResult(restart));
-  const stop = await dve(['node', 'stop', '2', '--state-dir', c.stateDir]);
-  t.is(stop.code, 0, describeResult(stop));
+  t.regex(restart.stdout, /node 2 running in the background/);
+  const down = await dve(['down', '--state-dir', c.stateDir]);
+  t.is(down.code, 0, describeResult(down));
+  t.deepEqual(pidsIn(c.stateDir), []);
 });
 
 test.serial('node stop / node kill of a node that is not running exit 1 naming it', async (t) => {
@@ -333,12 +352,11 @@ test.serial('up --port 0 without --config is refused: the nodes must know each o
 test.serial('foreground up supervises: a second up is refused, a killed node is reported and not restarted, down stops the rest and the supervisor', async (t) => {
   const c = await writeClusterConfig(tempDir(t));
   const cleanup = guard(t, c.stateDir);
-  await initialize(t, c);
-  const sup = startSupervisor(cleanup, ['--config', c.config, '--state-dir', c.stateDir]);
+  const sup = startSupervisor(cleanup, c.stateDir, ['--config', c.config, '--state-dir', c.stateDir]);
   await sup.waitFor(/supervising 2 nodes \(pid \d+\)/);
   const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
   t.regex(sup.stdout(), new RegExp(`supervising 2 nodes \\(pid ${supPid}\\)`));
-  seenPids.add(supPid);
+  seenPids.set(supPid, c.stateDir);
   const node1 = readPidFile(path.join(c.stateDir, 'node-1.pid'))!;
   const node2 = readPidFile(path.join(c.stateDir, 'node-2.pid'))!;
   t.regex(sup.stdout(), new RegExp(`dve up: node 1 \\(pid ${node1}\\)`));
@@ -371,8 +389,7 @@ test.serial('foreground up supervises: a second up is refused, a killed node is 
 test.serial('foreground up forwards Ctrl-C (SIGINT) to every node and exits 0 once they stopped', async (t) => {
   const c = await writeClusterConfig(tempDir(t));
   const cleanup = guard(t, c.stateDir);
-  await initialize(t, c);
-  const sup = startSupervisor(cleanup, ['--config', c.config, '--state-dir', c.stateDir]);
+  const sup = startSupervisor(cleanup, c.stateDir, ['--config', c.config, '--state-dir', c.stateDir]);
   await sup.waitFor(/supervising 2 nodes/);
   const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
   const nodes = [1, 2].map((id) => readPidFile(path.join(c.stateDir, `node-${id}.pid`))!);
@@ -388,8 +405,7 @@ test.serial('foreground up forwards Ctrl-C (SIGINT) to every node and exits 0 on
 test.serial('foreground up killed with SIGKILL: its nodes notice and stop', async (t) => {
   const c = await writeClusterConfig(tempDir(t));
   const cleanup = guard(t, c.stateDir);
-  await initialize(t, c);
-  const sup = startSupervisor(cleanup, ['--config', c.config, '--state-dir', c.stateDir]);
+  const sup = startSupervisor(cleanup, c.stateDir, ['--config', c.config, '--state-dir', c.stateDir]);
   await sup.waitFor(/supervising 2 nodes/);
   const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
   const nodes = [1, 2].map((id) => readPidFile(path.join(c.stateDir, `node-${id}.pid`))!);
@@ -399,7 +415,7 @@ test.serial('foreground up killed with SIGKILL: its nodes notice and stop', asyn
   t.deepEqual(pidsIn(c.stateDir).filter(processAlive), [], 'nothing is left running');
   // A stale dve.pid does not block the next start.
   const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
-  notePids(up);
+  notePids(up, c.stateDir);
   t.is(up.code, 0, describeResult(up));
   const down = await dve(['down', '--state-dir', c.stateDir]);
   t.is(down.code, 0, describeResult(down));
@@ -408,19 +424,22 @@ test.serial('foreground up killed with SIGKILL: its nodes notice and stop', asyn
 test.serial('a node that cannot start fails up: the other nodes are stopped and its log tail is shown', async (t) => {
   const c = await writeClusterConfig(tempDir(t));
   guard(t, c.stateDir);
-  await initialize(t, c);
   // Something else holds node 2's NBD port.
   const blocker = net.createServer();
   await new Promise<void>((resolve) => blocker.listen(c.nodes[1]!.nbd, '127.0.0.1', () => resolve()));
   t.teardown(() => new Promise<void>((r) => blocker.close(() => r())));
 
   const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
-  notePids(up);
+  notePids(up, c.stateDir);
   t.is(up.code, 1, describeResult(up));
   t.regex(up.stderr, /dve up: node 2 exited \(code 1\) before it came up; stopping the other nodes; last lines of .*node-2\.log/);
   t.regex(up.stderr, /EADDRINUSE/);
   t.deepEqual(pidsIn(c.stateDir).filter(processAlive), [], 'node 1 was stopped too');
 
+  // `node start --detach` of a node that dies at once: its log tail, exit 1.
+  const meshBlocker = net.createServer();
+  await new Promise<void>((resolve) => meshBlocker.listen(c.nodes[1]!.mesh, '127.0.0.1', () => resolve()));
+  t.teardown(() => new Promise<void>((r) => meshBlocker.close(() => r())));
   const one = await dve(['node', 'start', '--id', '2', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
   t.is(one.code, 1, describeResult(one));
   t.regex(one.stderr, /node 2 exited \(code 1\) before it came up; last lines of .*node-2\.log:\n(.|\n)*EADDRINUSE/);
@@ -440,7 +459,7 @@ test.serial('up --detach without --config serves the embedded default and its de
   }
   t.not(base, 0, 'found a free base port');
   const up = await dve(['up', '--detach', '--port', String(base), '--state-dir', stateDir]);
-  notePids(up);
+  notePids(up, stateDir);
   t.is(up.code, 0, describeResult(up));
   t.regex(up.stdout, new RegExp(`dve up: node 1 \\(pid \\d+\\)  nbd 127\\.0\\.0\\.1:${base}  admin 127\\.0\\.0\\.1:${base + 100}`));
   t.regex(up.stdout, /serving mirrored volume \(1 GiB\) as export "default"/);

@@ -144,7 +144,7 @@ export async function startEngineNode(t: ExecutionContext, cleanup: CleanupStack
   }
   const args = [
     '-s', 'KILL', String(o.lifetimeSec ?? 240),
-    process.execPath, DVE_BIN, 'up', '--state-dir', o.stateDir, '--config', o.configPath, '--log-level', o.logLevel ?? 'debug',
+    process.execPath, DVE_BIN, 'node', 'start', '--id', '1', '--state-dir', o.stateDir, '--config', o.configPath, '--log-level', o.logLevel ?? 'debug',
   ];
   const cmdline = formatCmd('timeout', args);
   const child = spawn('timeout', args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: process.env });
@@ -222,7 +222,7 @@ export async function startEngineNode(t: ExecutionContext, cleanup: CleanupStack
   let info: { pid: number; nbd: { port: number }; admin: { host: string; port: number } } | null = null;
   for (;;) {
     if (status !== null) throw new Error(`dve up exited with status ${status} before it was ready\ncommand: ${cmdline}\n${out.slice(-8000)}`);
-    const m = /dve up: node \d+ \(pid (\d+)\)/.exec(stdout);
+    const m = /dve (?:up|node): node \d+ \(pid (\d+)\)/.exec(stdout);
     if (m) {
       nodePid = Number(m[1]);
       livePids.add(nodePid);
