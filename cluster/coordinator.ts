@@ -122,7 +122,10 @@ export class Coordinator {
     this.ackTimeoutTicks = Math.max(2, Math.round((o.ackTimeoutMs ?? 3000) / this.tickMs));
     // A peer never heard from is taken for down after a grace that covers the mesh's
     // reconnect backoff (it dials with up to 5 s between attempts) and a peer timeout.
-    this.membership = new Membership(o.nodeId, o.peers, Math.max(1, Math.round((o.bootGraceMs ?? 6000 + 2 * (o.ackTimeoutMs ?? 3000)) / this.tickMs)));
+    // A fence another node vetoed (it still heard the victim) is retried after a tenth
+    // of the ack timeout: the other node's own timeout runs out about as soon.
+    this.membership = new Membership(o.nodeId, o.peers, Math.max(1, Math.round((o.bootGraceMs ?? 6000 + 2 * (o.ackTimeoutMs ?? 3000)) / this.tickMs)),
+      Math.max(1, Math.round((o.ackTimeoutMs ?? 3000) / 10 / this.tickMs)));
   }
 
   // ── boot ───────────────────────────────────────────────────────────────

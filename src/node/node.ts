@@ -203,6 +203,12 @@ function clusterAdmin(engine: Engine, mesh: Mesh | null): Engine {
             // A peer that does not answer keeps the entry the membership gives.
           }
         }));
+        // Every serving node exports every volume.
+        const serving = s.nodes.filter((n) => n.state === 'online' || n.state === 'joined');
+        for (const v of s.volumes) {
+          const more = serving.filter((n) => n.state === 'joined').map((n) => `nbd://${n.nbd.host === '0.0.0.0' ? '127.0.0.1' : n.nbd.host}:${n.nbd.port}/${encodeURIComponent(v.name)}`);
+          v.uris = [...v.uris, ...more.filter((u) => !v.uris.includes(u))];
+        }
         return s;
       };
     },
