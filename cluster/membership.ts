@@ -107,6 +107,8 @@ export class Membership {
   private out = emptyReady();
   /** Per victim: evictions seen (an eviction message for an older epoch is a duplicate). */
   private readonly epochs = new Map<NodeId, number>();
+  /** Per victim: the latest boot seen evicted (a notice about that boot or an older one is stale or a duplicate). */
+  private readonly evictedBoots = new Map<NodeId, number>();
 
   private ticks = 0;
   /** This node's boot count (an eviction notice for an earlier boot of it is stale). */
@@ -116,7 +118,11 @@ export class Membership {
    * `graceTicks`: a peer not heard from this long after this node started is taken
    * for down (it may have died holding records that must be cleaned up).
    */
-  constructor(readonly nodeId: NodeId, peers: readonly NodeId[], private readonly graceTicks = 100) {
+  /**
+   * `retryTicks`: after a fence that did not happen (a peer still heard the node: its
+   * own timeout had not run out yet), ask again this much later.
+   */
+  constructor(readonly nodeId: NodeId, peers: readonly NodeId[], private readonly graceTicks = 100, private readonly retryTicks = Math.max(1, Math.floor(graceTicks / 4))) {
     for (const p of peers) if (p !== nodeId) this.views.set(p, { id: p, state: 'unknown', evictions: 0, lastEvictedBy: null, unknownUntil: graceTicks });
     this.all = [nodeId, ...this.views.keys()].sort((a, b) => a - b);
   }
@@ -177,6 +183,7 @@ export class Membership {
         this.fencing = null;
         const epoch = (this.epochs.get(e.node) ?? 0) + 1;
         this.epochs.set(e.node, epoch);
+        this.evictedBoots.set(e.node, Math.max(this.evictedBoots.get(e.node) ?? 0, e.boot));
         const v = this.views.get(e.node)!;
         v.state = 'evicted';
         v.evictions++;
@@ -191,7 +198,7 @@ export class Membership {
         const v = this.views.get(e.node);
         if (v && v.state === 'down') {
           v.state = 'unknown';
-          v.unknownUntil = this.ticks + this.graceTicks;
+          v.unknownUntil = this.ticks + this.retryTicks;
         }
         break;
       }
@@ -230,8 +237,13 @@ export class Membership {
     }
     const v = this.views.get(m.node);
     if (!v) return void this.out.rejected.push(`eviction of unknown node ${m.node}`);
+    // A duplicate, or a delayed notice about an incarnation already evicted here (the
+    // node may be up again as a later boot: that one must not be evicted by it).
+    const lastBoot = this.evictedBoots.get(m.node);
+    if (lastBoot !== undefined && m.boot <= lastBoot) return;
     if ((this.epochs.get(m.node) ?? 0) >= m.epoch && v.state === 'evicted') return; // duplicate
     this.epochs.set(m.node, Math.max(this.epochs.get(m.node) ?? 0, m.epoch));
+    this.evictedBoots.set(m.node, m.boot);
     v.state = 'evicted';
     v.evictions++;
     v.lastEvictedBy = m.cleaner;
