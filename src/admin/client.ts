@@ -78,6 +78,10 @@ export class AdminClient {
     return this.request('POST', `/v1/disks/${seg(id)}/online`);
   }
 
+  cancelTask(id: string): Promise<TaskInfo> {
+    return this.request('POST', `/v1/tasks/${seg(id)}/cancel`);
+  }
+
   reconfigureVolume(name: string, op: { split: number } | { merge: number }): Promise<VolumeInfo> {
     return this.request('POST', `/v1/volumes/${seg(name)}/reconfigure`, op);
   }

@@ -18,6 +18,7 @@
  *   POST   /v1/snapshots/:name/complete → TaskInfo
  *   POST   /v1/clones                   { source, name } → 201 VolumeInfo
  *   POST   /v1/volumes/:name/migrate    { to: [disk ids] } → TaskInfo
+ *   POST   /v1/tasks/:id/cancel       → TaskInfo
  *   POST   /v1/volumes/:name/reconfigure { split: offset } | { merge: vseg index } → VolumeInfo
  *
  * Every error is `{ error: { code, message } }` with a stable AdminErrorCode. Request
@@ -310,6 +311,10 @@ function buildRoutes(engine: EngineAdmin): Route[] {
     r('POST', '/v1/snapshots/:name/complete', async ([name], b) => {
       noBody(b);
       return ok(engine.completeSnapshot(name!));
+    }),
+    r('POST', '/v1/tasks/:id/cancel', async ([id], b) => {
+      noBody(b);
+      return ok(engine.cancelTask(id!));
     }),
     r('POST', '/v1/volumes/:name/reconfigure', async ([name], b) => {
       const o = object(parseJson(b), ['split', 'merge']);

@@ -296,6 +296,18 @@ export function registerAdminCommands(program: Command): void {
       });
     });
 
+  const task = program.command('task').description('background tasks (resync, migration, snapshot completion)');
+  task.command('cancel')
+    .description('stop a running task (ask the node that runs it: dve status shows which); a migration resumes with the same dve migrate')
+    .argument('<id>', 'task id (from dve status --json)', nameArg('ID'))
+    .action(async (id: string, o: CommonOptions) => {
+      await withNode('dve task cancel', o, async (c) => {
+        const t = await c.cancelTask(id);
+        if (o.json) return printJson(t);
+        out(`task ${t.id} (${t.kind} of ${t.target}) stops at its next step`);
+      });
+    });
+
   const snapshot = program.command('snapshot').description('copy-on-write snapshots: instant, read-only, exported over NBD under their own name');
   snapshot.command('create')
     .description('snapshot VOL as NAME; with --group, snapshot several volumes at one instant (named VOL.NAME)')
@@ -382,7 +394,7 @@ export function registerAdminCommands(program: Command): void {
     });
 
   // Listed after each command's own options in --help.
-  for (const cmd of [...volume.commands, ...disk.commands, ...snapshot.commands, ...clone.commands, status, program.commands.find((c) => c.name() === 'migrate')!]) common(cmd);
+  for (const cmd of [...volume.commands, ...disk.commands, ...snapshot.commands, ...clone.commands, ...task.commands, status, program.commands.find((c) => c.name() === 'migrate')!]) common(cmd);
 }
 
 // ---------------------------------------------------------------- --wait

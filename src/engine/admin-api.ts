@@ -177,6 +177,8 @@ export interface EngineAdmin {
   completeSnapshot(name: string): TaskInfo;
   /** Split a VSEG at an offset, or merge VSEG i with the next (metadata only, online). */
   reconfigureVolume(name: string, op: { split: number } | { merge: number }): Promise<VolumeInfo>;
+  /** Stop a running background task of this node. */
+  cancelTask(id: string): TaskInfo;
   /** Move a volume to other disks online (background task). */
   migrateVolume(name: string, to: string[]): Promise<TaskInfo>;
 }

@@ -151,6 +151,14 @@ function hdrLock(v: { headerChunk: number }): string {
 function migLock(v: { headerChunk: number }): string {
   return `vol${v.headerChunk}.mig[0]`;
 }
+/** A snapshot's completion task set (non-volatile: resumed by the node that evicts its runner). */
+function cplLock(v: { headerChunk: number }): string {
+  return `vol${v.headerChunk}.cpl[0]`;
+}
+/** The resync task set of disk number i (in configuration order). */
+function rsyLock(i: number): string {
+  return `dve.rsy[${i}]`;
+}
 /** The write journal of a volume: one appender at a time. */
 function jnlLock(v: { headerChunk: number }): string {
   return `vol${v.headerChunk}.jnl[0]`;
@@ -619,8 +627,26 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
    * 004's fast reconciliation). Writes to the extent through this node wait meanwhile.
    */
   private async replayRecord(lock: string, why: string): Promise<void> {
+    const rsy = /^dve\.rsy\[(\d+)\]$/.exec(lock);
+    if (rsy) {
+      const disk = [...this.disks.keys()][Number(rsy[1])];
+      if (disk && this.disks.get(disk)!.state === 'online') {
+        this.log.warn({ disk, why }, 'resuming a resync');
+        this.startResync(disk);
+      }
+      return;
+    }
     const p = parseVolumeLock(lock);
     const v = p && this.volumeByHeader(p.headerChunk);
+    if (p?.kind === 'cpl' && v) {
+      const fresh = await readVolume(this.store, v.headerChunk);
+      if (bitmapToSet(fresh.header.shared).size > 0) {
+        this.log.warn({ snapshot: v.header.name, why }, 'resuming a snapshot completion');
+        v.sharedSet = bitmapToSet(fresh.header.shared);
+        this.completeSnapshot(v.header.name);
+      }
+      return;
+    }
     if (p?.kind === 'mig' && v) {
       // A migration task set whose node died: resume it from the recorded barrier.
       const fresh = await readVolume(this.store, v.headerChunk);
@@ -1284,12 +1310,17 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     this.tasks.push(task);
     const started = Date.now();
     void (async () => {
-      for (const u of [...d.sharedSet].sort((a, b) => a - b)) {
-        if (task.cancelled || d.gone) throw new Error('cancelled');
-        await this.materialize(d, u);
-        info.doneBytes += ub;
-        info.percent = Math.round((info.doneBytes / Math.max(1, info.totalBytes)) * 1000) / 10;
-        info.rateBytesPerSec = Math.round(info.doneBytes / Math.max(0.001, (Date.now() - started) / 1000));
+      await this.cluster.hold(cplLock(d));
+      try {
+        for (const u of [...d.sharedSet].sort((a, b) => a - b)) {
+          if (task.cancelled || d.gone) throw new Error('cancelled');
+          await this.materialize(d, u);
+          info.doneBytes += ub;
+          info.percent = Math.round((info.doneBytes / Math.max(1, info.totalBytes)) * 1000) / 10;
+          info.rateBytesPerSec = Math.round(info.doneBytes / Math.max(0.001, (Date.now() - started) / 1000));
+        }
+      } finally {
+        this.cluster.unhold(cplLock(d));
       }
       info.state = 'done';
       info.percent = 100;
@@ -1301,6 +1332,16 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       info.finishedAt = new Date().toISOString();
     });
     return info;
+  }
+
+  /** Stop a running task at its next step; a migration keeps its barrier (the same `migrate` resumes it). */
+  cancelTask(id: string): TaskInfo {
+    const t = this.tasks.find((x) => x.info.id === id);
+    if (!t) throw new AdminError('ENOENT', `no task ${id} on this node (dve status lists every node's tasks)`);
+    if (t.info.state !== 'running') throw new AdminError('EINVAL', `task ${id} is ${t.info.state}, not running`);
+    t.cancelled = true;
+    this.log.info({ task: id, kind: t.info.kind, target: t.info.target }, 'task cancelled');
+    return t.info;
   }
 
   // ── online reconfiguration ───────────────────────────────────────────────
@@ -1373,7 +1414,11 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   migrateVolume(name: string, to: string[]): Promise<TaskInfo> {
     return this.exclusive(() => this.withRoot(async () => {
       const v = this.volume(name);
-      if (v.header.migration) throw new AdminError('EBUSY', `volume ${name} is already migrating (to ${v.header.migration.to.join(',')})`);
+      if (v.header.migration) {
+        // The same destination resumes a migration that stopped (cancelled, or failed).
+        if (v.header.migration.to.join(',') === to.join(',')) return this.runMigration(v);
+        throw new AdminError('EBUSY', `volume ${name} is already migrating (to ${v.header.migration.to.join(',')})`);
+      }
       if (v.header.kind === 'snapshot' || v.header.base || this.derivedOf(v).length > 0) throw new AdminError('EBUSY', `volume ${name} has snapshots or clones sharing its storage; migrate it once they are deleted or complete`);
       if (v.header.journal) throw new AdminError('EINVAL', `volume ${name} has a write journal; journaled volumes cannot migrate yet`);
       if (to.length === 0) throw new AdminError('EINVAL', 'name at least one destination disk');
@@ -2053,8 +2098,9 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     };
     const task: Task = { info, cancelled: false };
     this.tasks.push(task);
-    void this.resync(task, disk, vols).catch((err: Error) => {
-      info.state = 'failed';
+    const lock = rsyLock([...this.disks.keys()].indexOf(disk));
+    void this.cluster.hold(lock).then(() => this.resync(task, disk, vols)).finally(() => this.cluster.unhold(lock)).catch((err: Error) => {
+      info.state = task.cancelled ? 'cancelled' : 'failed';
       info.message = err.message;
       info.finishedAt = new Date().toISOString();
       this.log.error({ disk, err: err.message }, 'resync failed');

@@ -145,3 +145,22 @@ test('online reconfiguration: grow, split and merge VSEGs keep every byte; bad r
   await t.throwsAsync(e.reconfigureVolume('o', { merge: 7 }), { message: /no next VSEG/ });
   t.deepEqual((await e.verifyVolume('o')).mismatches, []);
 });
+
+test('a cancelled migration keeps its barrier and the same migrate resumes it; cancel of an unknown task names it', async (t) => {
+  const e = await open(t);
+  for (let i = 0; i < 8; i++) t.is(await write(e, 'o', 0x20 + i, i * MiB), 0);
+  const first = await e.migrateVolume('o', ['d3', 'd4']);
+  e.cancelTask(first.id);
+  for (let i = 0; i < 200 && first.state === 'running'; i++) await new Promise((r) => setTimeout(r, 10));
+  t.is(first.state, 'cancelled');
+  const mid = e.showVolume('o');
+  t.truthy(mid.migration, 'the migration record stays');
+  t.true(mid.migration!.doneBytes < 8 * MiB, `stopped part-way (${mid.migration!.doneBytes} bytes)`);
+  await t.throwsAsync(e.migrateVolume('o', ['d1', 'd3']), { message: /already migrating/ });
+  const again = await e.migrateVolume('o', ['d3', 'd4']);
+  for (let i = 0; i < 300 && again.state === 'running'; i++) await new Promise((r) => setTimeout(r, 10));
+  t.is(again.state, 'done', again.message ?? '');
+  t.deepEqual(e.showVolume('o').disks, ['d3', 'd4']);
+  for (let i = 0; i < 8; i++) t.true((await read(e, 'o', i * MiB)).equals(Buffer.alloc(4096, 0x20 + i)));
+  t.throws(() => e.cancelTask('nope'), { message: /no task nope/ });
+});
