@@ -154,6 +154,9 @@ export class Coordinator {
       ackTimeoutTicks: this.ackTimeoutTicks,
       idleReleaseTicks: Number.MAX_SAFE_INTEGER,
       incarnation: this.journal.boot,
+      // The mesh is reliable and ordered: a release reaches every waiter, and the backoff
+      // after a nak only covers a release that crossed the nak. Keep it short.
+      backoffTicks: Math.max(2, Math.round(200 / this.tickMs)),
     });
     return { records, boot: this.journal.boot, heldBy };
   }

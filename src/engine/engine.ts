@@ -111,6 +111,8 @@ interface Volume extends VolumeRecord {
   closing: Set<number>;
   /** Held extents a peer asked for: being given up (writes wait, then reacquire). */
   releasing: Map<number, Promise<void>>;
+  /** When this node last gave an extent up to a peer (it waits a moment before asking again). */
+  yielded: Map<number, number>;
   sweeping: boolean;
   /** The cached header and maps may be used (this node shares the header oplock and read them since). */
   valid: boolean;
@@ -134,6 +136,8 @@ interface Volume extends VolumeRecord {
   materializing: Map<number, Promise<void>>;
 }
 
+/** After giving a mirror extent to a peer, wait this long before asking for it again. */
+const YIELD_MS = 25;
 /** Idle sweep of the activity log, and the health flush of written disks. */
 const ACTIVITY_SWEEP_MS = Number(process.env.DVE_ACTIVITY_SWEEP_MS ?? 10_000);
 const HEALTH_FLUSH_MS = Number(process.env.DVE_HEALTH_FLUSH_MS ?? 2_000);
@@ -372,7 +376,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     const exp = new NbdExport(rec.header.name, fp, `dve ${rec.header.layout} volume ${rec.header.name}`);
     const v: Volume = {
       ...rec, fp, exp, copying: new Map(), resyncing: new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk)), journal, swapping: null,
-      activeSet: new Set(), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), releasing: new Map(), sweeping: false,
+      activeSet: new Set(), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), releasing: new Map(), yielded: new Map(), sweeping: false,
       valid, paused: 0, wakers: [], gone: false, jnlHeld: false, jnlPending: null, jnlReleasing: null,
       sharedSet: bitmapToSet(rec.header.shared), materializing: new Map(),
     };
@@ -597,6 +601,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       v.activeSet.delete(e);
       v.closing.delete(e);
       v.activeEpoch.delete(e);
+      v.yielded.set(e, Date.now());
       this.cluster.unhold(mwLock(v, e));
     })().catch((err: Error) => this.log.error({ volume: v.header.name, extent: e, err: err.message }, 'giving up a mirror extent failed'))
       .finally(() => v.releasing.delete(e));
@@ -1806,7 +1811,11 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     const pending = v.activePending.get(e);
     if (pending) return pending;
     if (v.activeSet.has(e) && !v.releasing.has(e)) return Promise.resolve();
-    const p = this.cluster.hold(mwLock(v, e)).then(() => {
+    // Fairness: right after giving the extent to a peer, let the peer have it a moment
+    // (a lower node id would otherwise win every race for a hot extent).
+    const since = Date.now() - (v.yielded.get(e) ?? 0);
+    const wait = since < YIELD_MS ? new Promise<void>((r) => setTimeout(r, YIELD_MS - since)) : Promise.resolve();
+    const p = wait.then(() => this.cluster.hold(mwLock(v, e))).then(() => {
       if (v.gone) {
         this.cluster.unhold(mwLock(v, e));
         return;
