@@ -576,7 +576,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     if (p?.kind === 'hdr' && v && !v.gone) void this.reshareVolume(v);
   }
 
-  /** Oplock hook: a peer wants a mirror extent this node holds: give it up once its writes are durable. */
+  /** Oplock hook: a peer wants a mirror extent this node holds: give it up once its writes drained. */
   wanted(lock: string): void {
     const p = parseVolumeLock(lock);
     const v = p && this.volumeByHeader(p.headerChunk);
@@ -597,7 +597,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     const done = (async () => {
       const revokedAt = v.fp.removeMapping(e * E, E);
       await v.fp.drain(revokedAt, e * E, E);
-      await this.flushVolumeDisks(v);
+      // No flush: the peer records the extent in its journal before it writes, so a
+      // crash from here on leaves the extent in some journal, and it is reconciled.
       v.activeSet.delete(e);
       v.closing.delete(e);
       v.activeEpoch.delete(e);
