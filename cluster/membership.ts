@@ -109,6 +109,12 @@ export class Membership {
   private readonly epochs = new Map<NodeId, number>();
   /** Per victim: the latest boot seen evicted (a notice about that boot or an older one is stale or a duplicate). */
   private readonly evictedBoots = new Map<NodeId, number>();
+  /** Per victim: the last eviction notice (re-sent, without records, to a peer that still suspects the victim). */
+  private readonly notices = new Map<NodeId, Extract<MembershipMessage, { type: 'evicted' }>>();
+  /** Peers the mesh has a live connection to (a suspicion may say `down` while the mesh still hears them). */
+  private readonly meshUp = new Set<NodeId>();
+  /** Per peer marked down by a suspicion: when (it lapses after the grace if the mesh still hears it and nobody evicted it). */
+  private readonly suspectedAt = new Map<NodeId, number>();
 
   private ticks = 0;
   /** This node's boot count (an eviction notice for an earlier boot of it is stale). */
@@ -136,6 +142,15 @@ export class Membership {
     return this.views.get(node)?.state ?? 'evicted';
   }
 
+  /**
+   * The eviction notice (without records) this node holds about `node` while it has it
+   * evicted, else null: a driver asked "do you hear `node`?" by a fencing peer can
+   * answer with it, so the fencer learns of the eviction instead of fencing again.
+   */
+  notice(node: NodeId): MembershipMessage | null {
+    return this.views.get(node)?.state === 'evicted' ? (this.notices.get(node) ?? null) : null;
+  }
+
   /** The node that evicts, as this node sees it: the lowest id among itself and the peers up. */
   evictor(): NodeId {
     let low = this.nodeId;
@@ -155,17 +170,37 @@ export class Membership {
     switch (e.kind) {
       case 'tick':
         this.ticks++;
-        for (const v of this.views.values()) if (v.state === 'unknown' && this.ticks >= (v.unknownUntil ?? 0)) v.state = 'down';
+        for (const v of this.views.values()) {
+          if (v.state === 'unknown' && this.ticks >= (v.unknownUntil ?? 0)) v.state = 'down';
+          // A suspicion of a node the mesh still hears, that led to no eviction, lapses:
+          // otherwise this node would compute another evictor and quorum than its peers
+          // for as long as the connection lives (the mesh says `up` only once).
+          const at = this.suspectedAt.get(v.id);
+          if (v.state === 'down' && at !== undefined && this.meshUp.has(v.id) && this.fencing !== v.id && this.ticks - at >= this.graceTicks) {
+            v.state = 'up';
+            this.suspectedAt.delete(v.id);
+            this.queue.splice(0, this.queue.length, ...this.queue.filter((n) => n !== v.id));
+          }
+        }
         break;
       case 'up': {
         const v = this.views.get(e.node);
         if (!v) return void this.out.rejected.push(`up from unknown node ${e.node}`);
+        this.meshUp.add(e.node);
+        this.suspectedAt.delete(e.node);
         v.state = 'up';
+        // A peer (re)joining learns who is evicted before its boot grace runs out, so
+        // it neither waits for them nor fences them again.
+        for (const [victim, notice] of this.notices) {
+          if (victim !== e.node && this.views.get(victim)?.state === 'evicted' && !this.meshUp.has(victim)) this.out.send.push({ to: e.node, message: notice });
+        }
         this.queue.splice(0, this.queue.length, ...this.queue.filter((n) => n !== e.node));
         break;
       }
       case 'down': {
         const v = this.views.get(e.node);
+        if (e.restarted) this.meshUp.add(e.node);
+        else this.meshUp.delete(e.node);
         if (!v || v.state === 'evicted') return;
         if (e.restarted) {
           v.state = 'up';
@@ -189,6 +224,8 @@ export class Membership {
         v.evictions++;
         v.lastEvictedBy = this.nodeId;
         const message: MembershipMessage = { type: 'evicted', node: e.node, records: e.records, cleaner: this.nodeId, epoch, boot: e.boot };
+        this.notices.set(e.node, { ...message, records: [] });
+        this.meshUp.delete(e.node); // fenced: whatever the mesh still has of it is a dead connection
         for (const p of this.views.values()) if (p.state === 'up' || p.id === e.node) this.out.send.push({ to: p.id, message });
         this.out.evicted.push({ node: e.node, records: e.records, cleaner: this.nodeId });
         break;
@@ -196,7 +233,11 @@ export class Membership {
       case 'fence-failed': {
         if (this.fencing === e.node) this.fencing = null;
         const v = this.views.get(e.node);
-        if (v && v.state === 'down') {
+        if (v && v.state === 'down' && this.meshUp.has(e.node)) {
+          // A peer still hears it, and so does this node's mesh: it is up (a slow answer, not a death).
+          v.state = 'up';
+          this.suspectedAt.delete(e.node);
+        } else if (v && v.state === 'down') {
           v.state = 'unknown';
           v.unknownUntil = this.ticks + this.retryTicks;
         }
@@ -216,6 +257,7 @@ export class Membership {
     const v = this.views.get(node);
     if (!v || v.state === 'evicted') return;
     if (v.state === 'up' || v.state === 'unknown') v.state = 'down';
+    this.suspectedAt.set(node, this.ticks);
     this.advance();
     const evictor = this.evictor();
     if (evictor !== this.nodeId) this.out.send.push({ to: evictor, message: { type: 'suspect', node } });
@@ -227,6 +269,11 @@ export class Membership {
     if (!this.views.has(from)) return void this.out.rejected.push(`message from unknown node ${from}`);
     if (m.type === 'suspect') {
       if (m.node === this.nodeId) return void this.out.rejected.push(`node ${from} suspects this node`);
+      // The suspecter missed the eviction (a lost notice, or it was not up here when
+      // the notice went out): tell it again, without the records (they went to the
+      // cleaner). Not while the mesh hears the node: it may be a later boot.
+      const notice = this.notices.get(m.node);
+      if (this.views.get(m.node)?.state === 'evicted' && notice && !this.meshUp.has(m.node)) this.out.send.push({ to: from, message: notice });
       return this.suspect(m.node);
     }
     // evicted
@@ -242,8 +289,16 @@ export class Membership {
     const lastBoot = this.evictedBoots.get(m.node);
     if (lastBoot !== undefined && m.boot <= lastBoot) return;
     if ((this.epochs.get(m.node) ?? 0) >= m.epoch && v.state === 'evicted') return; // duplicate
+    // The mesh hears the node and nothing here suspects it: the notice is about an
+    // incarnation that restarted since (a later boot must not be evicted by it), or
+    // the node is back and its own notice will stop it. The evictor fenced it because
+    // none of the peers it asked heard it; if it is really gone, this node's mesh
+    // times out, it suspects the node, and the evictor tells it again.
+    if (v.state === 'up') return void this.out.rejected.push(`eviction notice for node ${m.node} boot ${m.boot} while it is up here: ignored`);
     this.epochs.set(m.node, Math.max(this.epochs.get(m.node) ?? 0, m.epoch));
     this.evictedBoots.set(m.node, m.boot);
+    this.notices.set(m.node, { ...m, records: [] });
+    this.meshUp.delete(m.node);
     v.state = 'evicted';
     v.evictions++;
     v.lastEvictedBy = m.cleaner;

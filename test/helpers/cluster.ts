@@ -524,11 +524,11 @@ export class ClusterRig {
     }
   }
 
-  /** The tail of every node's log (warnings and above, plus the last lines), for a failing test. */
+  /** The tail of every node's log without debug and trace lines, for a failing test. */
   describe(lines = 60): string {
     return this.ids.map((id) => {
-      const all = this.output(id).split('\n');
-      return `--- node ${id}: last ${lines} lines ---\n${all.slice(-lines).join('\n')}`;
+      const kept = this.output(id).split('\n').filter((l) => !/^\{"level":(10|20),/.test(l));
+      return `--- node ${id}: last ${lines} lines above debug ---\n${kept.slice(-lines).join('\n')}`;
     }).join('\n');
   }
 }

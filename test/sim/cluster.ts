@@ -44,8 +44,13 @@ import {
   type OplockState,
   type Ready,
 } from '../../cluster/oplock.js';
+import { Membership, type MembershipEvent, type MembershipReady } from '../../cluster/membership.js';
 import { QUIET_NETWORK, SimNetwork, type NetworkFaults } from './network.js';
 import { Prng } from './prng.js';
+
+/** DVE_SIM_TRACE_LINES: how many trace lines a violation prints (default 80); the trace keeps at least 400. */
+const TRACE_PRINT = Math.max(1, Number(process.env.DVE_SIM_TRACE_LINES) || 80);
+const TRACE_KEEP = Math.max(400, TRACE_PRINT);
 
 export class SimViolation extends Error {
   override name = 'SimViolation';
@@ -92,7 +97,55 @@ export interface SimClusterOptions {
   random?: RandomDriver;
   /** Keep the last few hundred events to print with a violation. */
   trace?: boolean;
+  /** 'stub' (default): the membership stub; 'real': one real `Membership` per node incarnation (see the header). */
+  membership?: 'stub' | 'real';
+  /** With `membership: 'real'`. */
+  real?: Partial<RealMembershipOptions>;
 }
+
+export interface RealMembershipOptions {
+  /**
+   * What a fence does to a victim that is still alive (booting or serving).
+   * 'stonith': it stops at once, as if the fence cut it off the shared storage.
+   * 'notice': nothing, as in the real coordinator — the victim stops only when the
+   * eviction notice reaches it — and the sim treats fencing a live node as a
+   * violation (see the header for the fault mix under which none is fenced).
+   */
+  fence: 'stonith' | 'notice';
+  /** Membership boot grace: a peer never heard from is down after this many ticks. */
+  graceTicks: number;
+  /** Simulated mesh: a peer that was up and unreachable this long is down. */
+  peerTimeoutTicks: number;
+  /** A fence waits this long for the peers' answers to "do you hear the victim?". */
+  viewTimeoutTicks: number;
+  /** A restarting node replays the records in its journal for this long before it starts. */
+  replayTicks: [number, number];
+  /**
+   * Crashes keep a quorum of live nodes, and a crashed node restarts only once the
+   * cluster evicted it. See the header: otherwise a suspicion aimed at the dead
+   * incarnation can fence the new one.
+   */
+  restartAfterEviction: boolean;
+  /** A crashed node restarts only while no partition is in force (see the header). */
+  restartWhenHealed: boolean;
+}
+
+export const REAL_MEMBERSHIP_DEFAULTS: RealMembershipOptions = {
+  fence: 'stonith',
+  graceTicks: 60,
+  peerTimeoutTicks: 25,
+  viewTimeoutTicks: 6,
+  replayTicks: [1, 5],
+  restartAfterEviction: false,
+  restartWhenHealed: false,
+};
+
+/** What the simulated network carries: oplock and membership messages, and the fence's view requests. */
+export type SimWire =
+  | { ch: 'op'; m: OplockMessage }
+  | { ch: 'mb'; m: unknown }
+  | { ch: 'view?'; node: number; q: number }
+  | { ch: 'view'; q: number; up: boolean; notice: unknown };
 
 export const SCRIPT_DEFAULTS = {
   ackTimeoutTicks: 20,
@@ -138,10 +191,63 @@ interface Orphan {
   sinceTick: number;
 }
 
+/**
+ * Real membership: one non-volatile ownership record in a journal. Journals are
+ * shared metadata (they survive their node's crash); reading one copies references, so
+ * a record cleaned twice (by two heirs, or by an heir and its own rebooted owner) is
+ * caught on the token.
+ */
+interface Token {
+  lock: LockId;
+  owner: number;
+  ownerInc: number;
+  /** When the owner incarnation died or was fenced: from then on exactly one node must clean it. */
+  orphanedTick: number | null;
+  cleaned: number;
+  cleanedBy: string[];
+}
+
+interface SimJournal {
+  boot: number;
+  records: Map<LockId, Token[]>;
+  heldBy: number | null;
+  /** The boot a fence took (the journal says so until the next boot; not in the coordinator's NodeJournal: reported). */
+  fencedBoot: number | null;
+  fencedBy: number | null;
+}
+
+interface FenceOp { victim: number; q: number; waiting: Set<number>; heardBy: number | null; notHeard: number[]; deadline: number }
+
+interface MeshView { up: boolean; inc: number; lastHeard: number }
+
+export interface FenceRecord { victim: number; boot: number; by: number; byInc: number; tick: number; records: LockId[]; live: boolean }
+
 interface SimNode {
   readonly id: number;
   inc: number;
   up: boolean;
+  /** Real membership: the machines' incarnation (the journal's boot count); = inc with the stub. */
+  boot: number;
+  /** Real membership: the process runs (booting or up); the simulated mesh reaches it. */
+  alive: boolean;
+  bootDoneTick: number | null;
+  replaying: Token[];
+  /** Real membership: this node's journal in the shared metadata (survives restarts). */
+  store: SimJournal;
+  mb: Membership | null;
+  mesh: Map<number, MeshView>;
+  fencing: FenceOp | null;
+  /** Records a fence took from a victim, until this node's oplock machine claims them. */
+  claims: Map<number, Map<LockId, Token[]>>;
+  activeClaim: Map<LockId, Token[]> | null;
+  /** Per peer: the latest boot this incarnation was told was evicted (older oplock messages are dropped). */
+  evictedBoot: Map<number, number>;
+  startedTick: number;
+  fencedTick: number;
+  /** Per peer: the latest incarnation this incarnation's oplock machine heard from. */
+  heardInc: Map<number, number>;
+  /** Membership messages that arrived while this incarnation booted: stepped when it starts. */
+  early: { from: number; m: unknown }[];
   /** This incarnation was evicted (and is down until restarted). */
   evicted: boolean;
   machine: OplockMachine | null;
@@ -166,15 +272,37 @@ export interface SimStats {
   partitions: number;
   junkRejected: number;
   idleReleases: number;
+  /** Real membership only (zero with the stub). */
+  fences: number;
+  fenceFailed: number;
+  liveFenced: number;
+  selfEvictions: number;
+  bootReplays: number;
+  membershipMessages: number;
+  membershipRejected: number;
+  junkMembershipRejected: number;
+  droppedFromEvicted: number;
+  staleNoticesDropped: number;
+  alreadyFenced: number;
 }
 
 export class SimCluster {
   readonly prng: Prng;
-  readonly net: SimNetwork<OplockMessage>;
+  readonly net: SimNetwork<SimWire>;
+  /** Real membership options, or null with the stub. */
+  readonly real: RealMembershipOptions | null;
+  /** Real membership: every fence, in order. */
+  readonly fences: FenceRecord[] = [];
+  private readonly tokens: Token[] = [];
+  private fenceSeq = 0;
+  /** In a quiet period: a node fenced now stays down unless quiet() restarts it. */
+  private quieting = false;
   readonly locks: LockId[];
   readonly stats: SimStats = {
     ticks: 0, steps: 0, grantsShare: 0, grantsAcquire: 0, cleanups: 0, evictions: 0, crashes: 0,
     restarts: 0, partitions: 0, junkRejected: 0, idleReleases: 0,
+    fences: 0, fenceFailed: 0, liveFenced: 0, selfEvictions: 0, bootReplays: 0, membershipMessages: 0,
+    membershipRejected: 0, junkMembershipRejected: 0, droppedFromEvicted: 0, staleNoticesDropped: 0, alreadyFenced: 0,
   };
   random: RandomDriver | null;
   cpBehaviour: CpBehaviour;
@@ -196,6 +324,7 @@ export class SimCluster {
     this.random = options.random ?? null;
     this.cpBehaviour = { ...SCRIPTED_CP, ...options.cp };
     this.traceLog = options.trace ? [] : null;
+    this.real = options.membership === 'real' ? { ...REAL_MEMBERSHIP_DEFAULTS, ...options.real } : null;
     this.isNonVolatile = options.nonVolatile ?? ((lock) => /\[\d*[13579]\]$/.test(lock));
     this.machineOptions = {
       ackTimeoutTicks: options.ackTimeoutTicks ?? SCRIPT_DEFAULTS.ackTimeoutTicks,
@@ -207,10 +336,18 @@ export class SimCluster {
       const n: SimNode = {
         id, inc: 0, up: false, evicted: false, machine: null, cp: new Map(), journal: new Set(),
         evictedSeen: new Set(), grants: [], restartAtTick: null,
+        boot: 0, alive: false, bootDoneTick: null, replaying: [], store: { boot: 0, records: new Map(), heldBy: null, fencedBoot: null, fencedBy: null },
+        mb: null, mesh: new Map(), fencing: null, claims: new Map(), activeClaim: null, evictedBoot: new Map(), early: [], heardInc: new Map(), startedTick: 0, fencedTick: 0,
       };
       this.nodes.set(id, n);
     }
-    for (const n of this.nodes.values()) this.boot(n);
+    for (const n of this.nodes.values()) {
+      if (this.real === null) this.boot(n);
+      else {
+        this.bootReal(n);
+        this.finishBoot(n);
+      }
+    }
     // The first tick takes every machine out of Boot (they are all in the jlist).
     this.tick();
   }
@@ -252,7 +389,7 @@ export class SimCluster {
 
   crash(id: number): void {
     const n = this.nodes.get(id)!;
-    if (!n.up) return;
+    if (!n.up && !n.alive) return;
     this.trace(`crash ${id}#${n.inc}`);
     this.stats.crashes++;
     this.stop(n);
@@ -261,6 +398,17 @@ export class SimCluster {
   /** Bring a down node back fresh; if nobody evicted it yet, membership does so first. */
   restart(id: number): void {
     const n = this.nodes.get(id)!;
+    if (this.real !== null) {
+      // Real membership: nobody is evicted for it; the node replays its own journal first.
+      if (n.alive) return;
+      n.inc++;
+      n.restartAtTick = null;
+      this.stats.restarts++;
+      this.trace(`restart ${id}#${n.inc}`);
+      this.bootReal(n);
+      this.pump();
+      return;
+    }
     if (n.up) return;
     if (!n.evicted) this.evict(n, this.lowestUp());
     n.inc++;
@@ -287,6 +435,7 @@ export class SimCluster {
   idle(): boolean {
     return (
       this.queue.length === 0 &&
+      [...this.nodes.values()].every((n) => n.fencing === null && !(n.alive && !n.up)) &&
       this.net.inFlight() === 0 &&
       this.schedule.length === 0 &&
       this.upNodes().every((n) => !n.machine!.busy())
@@ -296,6 +445,7 @@ export class SimCluster {
   /** Random intents and faults for `ticks` ticks. */
   chaos(ticks: number, network: NetworkFaults): void {
     this.net.faults = network;
+    this.quieting = false;
     for (let i = 0; i < ticks; i++) {
       this.randomFaults();
       this.randomIntents();
@@ -312,6 +462,33 @@ export class SimCluster {
   quiet(maxTicks: number, stayDownRate = 0): number {
     this.net.faults = QUIET_NETWORK;
     if (this.net.partitioned()) this.heal();
+    if (this.real !== null) {
+      // Membership evicts the dead on its own, but only with a quorum: restart nodes
+      // (lowest ids first) until the nodes that will be up hold one.
+      const stay: number[] = [];
+      this.quieting = true;
+      for (const n of this.nodes.values()) {
+        if (n.alive) continue;
+        if (this.prng.chance(stayDownRate)) {
+          stay.push(n.id);
+          n.restartAtTick = null;
+        } else if (this.mayRestart(n)) this.restart(n.id);
+        else n.restartAtTick = this.now; // once evicted (tickOnce)
+      }
+      for (const id of stay.sort((a, b) => a - b)) {
+        const n = this.nodes.get(id)!;
+        const will = this.ids().filter((i) => this.nodes.get(i)!.alive || this.nodes.get(i)!.restartAtTick !== null);
+        if (this.quorum(will)) continue;
+        if (this.mayRestart(n)) this.restart(id);
+        else n.restartAtTick = this.now;
+      }
+      this.pump();
+      for (let i = 0; i < maxTicks; i++) {
+        if (this.settled()) return i;
+        this.tickOnce();
+      }
+      return maxTicks;
+    }
     for (const n of this.nodes.values()) {
       if (n.up) continue;
       if (!n.evicted) this.evict(n, this.lowestUp());
@@ -329,7 +506,34 @@ export class SimCluster {
   /** Every intent granted, every orphaned record cleaned. */
   settled(): boolean {
     for (const n of this.upNodes()) for (const c of n.cp.values()) if (c.want > c.held) return false;
+    if (this.real !== null) {
+      if ([...this.nodes.values()].some((n) => n.alive && !n.up)) return false;
+      return this.tokens.every((t) => t.cleaned === 1);
+    }
     return this.orphans.every((o) => o.cleaned === 1);
+  }
+
+  /** With `restartAfterEviction`: a dead node restarts once evicted, or when the live nodes have no quorum without it. */
+  private mayRestart(n: SimNode): boolean {
+    if (this.real === null) return true;
+    if (this.real.restartWhenHealed && this.net.partitioned()) return false;
+    if (!this.real.restartAfterEviction) return true;
+    if (!n.evicted) return !this.quorum(this.ids().filter((i) => this.nodes.get(i)!.alive));
+    // Every live node that may still wait for the dead incarnation has been told.
+    return this.upNodes().every((u) => (u.evictedBoot.get(n.id) ?? -1) >= n.store.boot || u.startedTick > n.fencedTick);
+  }
+
+  /** With `restartAfterEviction`: a crash leaves a quorum alive. */
+  private mayCrash(n: SimNode): boolean {
+    if (this.real === null || !this.real.restartAfterEviction) return true;
+    return this.quorum(this.ids().filter((i) => i !== n.id && this.nodes.get(i)!.alive));
+  }
+
+  /** The membership's quorum rule, for a set of live nodes. */
+  quorum(up: number[]): boolean {
+    const n = this.nodes.size;
+    if (2 * up.length > n) return true;
+    return 2 * up.length === n && up.includes(Math.min(...this.ids()));
   }
 
   /** After a quiet period: every intent granted, every orphaned record cleaned once. */
@@ -342,6 +546,15 @@ export class SimCluster {
         }
       }
     }
+    for (const n of this.nodes.values()) {
+      if (n.alive && !n.up) this.violation(`liveness: ${n.id}#${n.inc} still booting (replay ends at tick ${n.bootDoneTick})`);
+    }
+    for (const t of this.tokens) {
+      if (t.cleaned !== 1) {
+        this.violation(`liveness: ${t.owner}#${t.ownerInc}'s record of ${t.lock} cleaned ${t.cleaned} times ` +
+          `(orphaned at tick ${t.orphanedTick}; in the journal of ${this.holderOf(t)})`);
+      }
+    }
     for (const o of this.orphans) {
       if (o.cleaned !== 1) {
         this.violation(`liveness: ${o.owner}#${o.ownerInc}'s record of ${o.lock} cleaned ${o.cleaned} times ` +
@@ -351,6 +564,7 @@ export class SimCluster {
   }
 
   orphanCount(): { total: number; cleaned: number } {
+    if (this.real !== null) return { total: this.tokens.length, cleaned: this.tokens.filter((t) => t.cleaned === 1).length };
     return { total: this.orphans.length, cleaned: this.orphans.filter((o) => o.cleaned === 1).length };
   }
 
@@ -398,9 +612,23 @@ export class SimCluster {
     this.pump();
     for (const env of this.net.due(this.now)) {
       const n = this.nodes.get(env.to)!;
+      const w = env.message;
+      if (n.alive && !n.up && w.ch === 'mb') n.early.push({ from: env.from, m: w.m });
       if (!n.up) continue;
-      const parsed = parseOplockMessage(env.message);
+      if (w.ch !== 'op') {
+        this.deliverMembership(n, env.from, w);
+        this.pump();
+        continue;
+      }
+      const parsed = parseOplockMessage(w.m);
       if ('error' in parsed) this.violation(`node ${env.from} sent a malformed message: ${parsed.error}`);
+      // The oplock machine's contract: nothing from an incarnation after its eviction.
+      const eb = n.evictedBoot.get(env.from);
+      if (eb !== undefined && parsed.inc <= eb) {
+        this.stats.droppedFromEvicted++;
+        continue;
+      }
+      if ((n.heardInc.get(env.from) ?? -1) < parsed.inc) n.heardInc.set(env.from, parsed.inc);
       this.enqueue(n, { kind: 'message', from: env.from, message: parsed });
       this.pump();
     }
@@ -414,9 +642,10 @@ export class SimCluster {
         this.pump();
       }
     }
+    if (this.real !== null) this.tickMembership();
     if (this.random !== null) {
       for (const n of this.nodes.values()) {
-        if (!n.up && n.restartAtTick !== null && this.now >= n.restartAtTick) this.restart(n.id);
+        if (!n.up && !n.alive && n.restartAtTick !== null && this.now >= n.restartAtTick && this.mayRestart(n)) this.restart(n.id);
       }
       this.pump();
     }
@@ -432,20 +661,33 @@ export class SimCluster {
       const n = this.nodes.get(id)!;
       if (!n.up || n.inc !== inc) continue;
       if (this.traceLog !== null && event.kind !== 'tick' && event.kind !== 'intent') this.trace(`${id}: ${describe(event)}`);
+      const claiming = this.real !== null && event.kind === 'evicted' && event.cleaner === n.id;
+      if (claiming) {
+        n.activeClaim = n.claims.get(event.node) ?? null;
+        n.claims.delete(event.node);
+      }
       n.machine!.step(event);
       this.stats.steps++;
       this.apply(n, n.machine!.ready());
+      if (claiming) {
+        const left = [...(n.activeClaim?.keys() ?? [])];
+        n.activeClaim = null;
+        if (left.length > 0) this.violation(`${n.id}#${n.inc} cleans for ${event.node} but did not claim ${left.join(', ')}`);
+      }
       this.check();
     }
   }
 
   private apply(n: SimNode, r: Ready): void {
     for (const j of r.journal) {
-      if (j.owner === n.id) n.journal.add(j.lock);
-      else if (j.owner === null) n.journal.delete(j.lock);
-      else this.violation(`${n.id} journaled ${j.lock} for another node ${j.owner}`);
+      if (j.owner !== n.id && j.owner !== null) this.violation(`${n.id} journaled ${j.lock} for another node ${j.owner}`);
+      if (this.real !== null) {
+        if (j.owner === null) this.journalRemove(n, j.lock);
+        else this.journalAdd(n, j.lock);
+      } else if (j.owner === n.id) n.journal.add(j.lock);
+      else n.journal.delete(j.lock);
     }
-    for (const s of r.send) this.net.send(this.now, n.id, s.to, s.message);
+    for (const s of r.send) this.net.send(this.now, n.id, s.to, { ch: 'op', m: s.message });
     for (const rv of r.revoke) this.onRevoke(n, rv.lock, rv.restrictive, rv.flush);
     for (const g of r.granted) this.onGranted(n, g);
     for (const lock of r.released) {
@@ -456,7 +698,10 @@ export class SimCluster {
       c.want = 2;
       c.pendingSinceTick = null;
     }
-    for (const target of r.evict) this.suggestEvict(n, target);
+    for (const target of r.evict) {
+      if (this.real === null) this.suggestEvict(n, target);
+      else this.stepMembership(n, { kind: 'suspect', node: target });
+    }
   }
 
   // ------------------------------------------------------------ the simulated CP
@@ -544,6 +789,7 @@ export class SimCluster {
   }
 
   private cleanUp(n: SimNode, lock: LockId): void {
+    if (this.real !== null) return this.cleanUpToken(n, lock);
     const mine = this.orphans.filter((o) => o.lock === lock && o.heir === n.id && o.heirInc === n.inc && o.cleaned === 0);
     if (mine.length === 0) {
       const done = this.orphans.filter((o) => o.lock === lock && o.cleaned > 0);
@@ -610,6 +856,24 @@ export class SimCluster {
   }
 
   private stop(n: SimNode): void {
+    if (this.real !== null) {
+      // Its own records are orphans from now on (inherited ones already were).
+      for (const ts of n.store.records.values()) {
+        for (const t of ts) {
+          if (t.orphanedTick === null && t.owner === n.id && t.ownerInc === n.inc) {
+            t.orphanedTick = this.now;
+            this.tokens.push(t);
+          }
+        }
+      }
+      n.alive = false;
+      n.mb = null;
+      n.mesh = new Map();
+      n.fencing = null;
+      n.claims = new Map();
+      n.bootDoneTick = null;
+      n.replaying = [];
+    }
     n.up = false;
     n.machine = null;
     n.cp = new Map();
@@ -631,6 +895,384 @@ export class SimCluster {
     const up = this.upNodes();
     if (up.length === 0) throw new Error('no live node left to evict with');
     return up.reduce((a, b) => (a.id < b.id ? a : b));
+  }
+
+  // ------------------------------------------------------------ real membership
+
+  /** Boot steps 1–2 of a (re)starting node: take its journal, bump the boot count, replay the records. */
+  private bootReal(n: SimNode): void {
+    const j = n.store;
+    // The sim fences atomically (heldBy is set and cleared in one step), so a booting node never finds it held.
+    if (j.heldBy !== null) this.violation(`${n.id}#${n.inc} boots while its journal is held by ${j.heldBy}`);
+    if (j.boot < n.boot) this.violation(`${n.id}#${n.inc}: journal boot ${j.boot} went back from ${n.boot}`);
+    n.boot = j.boot + 1;
+    j.boot = n.boot;
+    n.alive = true;
+    n.up = false;
+    n.evicted = false;
+    n.machine = null;
+    n.mb = null;
+    n.cp = new Map();
+    n.replaying = [...j.records.values()].flat();
+    n.early = [];
+    n.bootDoneTick = this.now + this.prng.range(...this.real!.replayTicks);
+  }
+
+  /** Boot step 3 (the CP replayed the records; they leave the journal), then start. */
+  private finishBoot(n: SimNode): void {
+    for (const t of n.replaying) {
+      if (t.orphanedTick === null) this.violation(`${n.id}#${n.inc} replays ${t.lock} of ${t.owner}#${t.ownerInc}, which still runs`);
+      if (t.cleaned > 0) {
+        this.violation(`${n.id}#${n.inc} replays its journal's record of ${t.lock} (${t.owner}#${t.ownerInc}) ` +
+          `already cleaned by ${t.cleanedBy.join(', ')}`);
+      }
+      t.cleaned++;
+      t.cleanedBy.push(`${n.id}#${n.inc} (boot replay)`);
+      this.stats.cleanups++;
+      this.stats.bootReplays++;
+      const list = n.store.records.get(t.lock);
+      if (list !== undefined) {
+        const kept = list.filter((x) => x !== t);
+        if (kept.length > 0) n.store.records.set(t.lock, kept);
+        else n.store.records.delete(t.lock);
+      }
+    }
+    // The replay also applied what the old incarnation's metadata journal held.
+    for (const lock of this.locks) {
+      const m = this.metadata(lock);
+      if (m.dirtyAt !== null && m.dirtyAt.id === n.id && m.dirtyAt.inc < n.inc) {
+        m.mediaVer = m.ver;
+        m.dirtyAt = null;
+      }
+    }
+    n.replaying = [];
+    n.bootDoneTick = null;
+    n.up = true;
+    n.evicted = false;
+    n.cp = new Map();
+    n.journal = new Set(n.store.records.keys());
+    n.evictedSeen = new Set();
+    n.grants = [];
+    n.mesh = new Map();
+    n.fencing = null;
+    n.claims = new Map();
+    n.activeClaim = null;
+    n.evictedBoot = new Map();
+    n.heardInc = new Map();
+    n.startedTick = this.now;
+    const peers = this.ids().filter((id) => id !== n.id);
+    n.machine = new OplockMachine(n.id, peers, { ...this.machineOptions, incarnation: n.boot });
+    n.mb = new Membership(n.id, this.ids(), this.real!.graceTicks);
+    n.mb.boot = n.boot;
+    this.trace(`${n.id}#${n.inc} up (boot ${n.boot})`);
+    // As the coordinator's start(): the peers the mesh already has are up; then what
+    // they said while this node booted (the notices they send a node that connects).
+    for (const y of this.nodes.values()) {
+      if (y === n || !y.alive || !this.net.canTalk(n.id, y.id)) continue;
+      n.mesh.set(y.id, { up: true, inc: y.inc, lastHeard: this.now });
+      this.stepMembership(n, { kind: 'up', node: y.id });
+    }
+    for (const x of n.early.splice(0)) if (n.up) this.stepMembership(n, { kind: 'message', from: x.from, message: x.m });
+  }
+
+  /** Per tick: the simulated mesh's up/down, the membership ticks, fences due, boots done. */
+  private tickMembership(): void {
+    const r = this.real!;
+    for (const x of this.upNodes()) {
+      for (const y of this.nodes.values()) {
+        if (y === x || !x.up) continue;
+        const reach = y.alive && this.net.canTalk(x.id, y.id);
+        const v = x.mesh.get(y.id);
+        if (reach) {
+          if (v === undefined) {
+            x.mesh.set(y.id, { up: true, inc: y.inc, lastHeard: this.now });
+            this.stepMembership(x, { kind: 'up', node: y.id });
+          } else {
+            v.lastHeard = this.now;
+            if (!v.up) {
+              v.up = true;
+              v.inc = y.inc;
+              this.stepMembership(x, { kind: 'up', node: y.id });
+            } else if (v.inc !== y.inc) {
+              // Reconnected with another incarnation before the timeout: the mesh says "peer restarted".
+              v.inc = y.inc;
+              this.stepMembership(x, { kind: 'down', node: y.id, restarted: true });
+              this.stepMembership(x, { kind: 'up', node: y.id });
+            }
+          }
+        } else if (v !== undefined && v.up && this.now - v.lastHeard >= r.peerTimeoutTicks) {
+          v.up = false;
+          this.stepMembership(x, { kind: 'down', node: y.id });
+        }
+        this.pump();
+      }
+      if (x.up) {
+        this.stepMembership(x, { kind: 'tick' });
+        this.pump();
+      }
+    }
+    for (const x of this.upNodes()) {
+      const f = x.fencing;
+      if (f !== null && (f.waiting.size === 0 || this.now >= f.deadline)) {
+        x.fencing = null;
+        if (f.heardBy !== null) {
+          this.stats.fenceFailed++;
+          this.trace(`${x.id}: not fencing ${f.victim}: ${f.heardBy} hears it`);
+          this.stepMembership(x, { kind: 'fence-failed', node: f.victim });
+        } else if (x.mb!.state(f.victim) === 'evicted') {
+          this.trace(`${x.id}: not fencing ${f.victim}: a peer had it evicted already`);
+          this.stepMembership(x, { kind: 'fence-failed', node: f.victim });
+        } else if (!this.quorum([x.id, ...f.notHeard])) {
+          // Silence is not an answer: the peers that said "gone" and this node must be a
+          // quorum, or a node cut off with stale views could fence. (The coordinator
+          // counts a peer that did not answer as one that does not hear the victim: reported.)
+          this.stats.fenceFailed++;
+          this.trace(`${x.id}: not fencing ${f.victim}: only [${f.notHeard.join(',')}] confirmed`);
+          this.stepMembership(x, { kind: 'fence-failed', node: f.victim });
+        } else if (x.mb!.state(f.victim) !== 'down') {
+          // It came back (restarted) while the peers were asked: fencing now would fence
+          // its new boot. (The coordinator does not re-check: reported.)
+          this.stats.fenceFailed++;
+          this.trace(`${x.id}: not fencing ${f.victim}: it is ${x.mb!.state(f.victim)} again`);
+          this.stepMembership(x, { kind: 'fence-failed', node: f.victim });
+        } else {
+          this.fence(x, f.victim);
+        }
+        this.pump();
+      }
+    }
+    for (const n of this.nodes.values()) {
+      if (n.alive && !n.up && n.bootDoneTick !== null && this.now >= n.bootDoneTick) {
+        this.finishBoot(n);
+        this.pump();
+      }
+    }
+  }
+
+  private deliverMembership(n: SimNode, from: number, w: Exclude<SimWire, { ch: 'op' }>): void {
+    switch (w.ch) {
+      case 'mb': {
+        // A notice about a boot older than one this node's oplock machine already talks
+        // to is stale: dropped before the membership sees it (it cannot tell boots apart).
+        const m = w.m as { type?: unknown; node?: unknown; boot?: unknown } | null;
+        if (m !== null && typeof m === 'object' && m.type === 'evicted' && typeof m.node === 'number' && typeof m.boot === 'number') {
+          const heard = n.heardInc.get(m.node);
+          if (heard !== undefined && heard > m.boot) {
+            this.stats.staleNoticesDropped++;
+            this.trace(`${n.id}: stale notice about ${m.node} boot ${m.boot} dropped (heard boot ${heard})`);
+            return;
+          }
+        }
+        return this.stepMembership(n, { kind: 'message', from, message: w.m });
+      }
+      case 'view?':
+        this.net.send(this.now, n.id, from, { ch: 'view', q: w.q, up: n.mb!.state(w.node) === 'up', notice: n.mb!.notice(w.node) });
+        return;
+      case 'view': {
+        const f = n.fencing;
+        if (f === null || f.q !== w.q) return;
+        f.waiting.delete(from);
+        if (w.up && f.heardBy === null) f.heardBy = from;
+        if (!w.up) f.notHeard.push(from);
+        // The peer has it evicted already: learn that instead of fencing it again.
+        if (w.notice !== null) this.deliverMembership(n, from, { ch: 'mb', m: w.notice });
+        return;
+      }
+    }
+  }
+
+  /** Steps one membership event and performs its outputs (the caller pumps the oplock queue). */
+  private stepMembership(n: SimNode, e: MembershipEvent, fencedBoot?: number): void {
+    const mb = n.mb;
+    if (mb === null || !n.up) return;
+    if (this.traceLog !== null && e.kind !== 'tick' && (e.kind !== 'up' || process.env.DVE_SIM_TRACE_UP)) this.trace(`${n.id}: mb ${describeMembership(e)}`);
+    mb.step(e);
+    const r: MembershipReady = mb.ready();
+    for (const why of r.rejected) {
+      this.stats.membershipRejected++;
+      this.trace(`${n.id}: mb rejected: ${why}`);
+    }
+    for (const s of r.send) {
+      this.stats.membershipMessages++;
+      this.net.send(this.now, n.id, s.to, { ch: 'mb', m: s.message });
+    }
+    for (const victim of r.fence) this.startFence(n, victim);
+    const notice = e.kind === 'message' ? (e.message as { boot?: unknown } | null) : null;
+    for (const ev of r.evicted) {
+      const boot = fencedBoot ?? (typeof notice?.boot === 'number' ? notice.boot : undefined);
+      if (boot === undefined) this.violation(`${n.id}: eviction of ${ev.node} without a boot`);
+      const heard = n.heardInc.get(ev.node);
+      if (heard !== undefined && heard > boot) {
+        // Its oplock machine would stop waiting for a later incarnation it already talks to.
+        this.violation(`${n.id}#${n.inc} told that ${ev.node} boot ${boot} is evicted after hearing its boot ${heard} ` +
+          `(${e.kind === 'message' ? `notice from ${e.from}` : e.kind})`);
+      }
+      n.evictedSeen.add(ev.node);
+      n.evictedBoot.set(ev.node, Math.max(boot, n.evictedBoot.get(ev.node) ?? -1));
+      this.enqueue(n, { kind: 'evicted', node: ev.node, records: ev.records, cleaner: ev.cleaner });
+    }
+    if (r.selfEvicted) {
+      this.stats.selfEvictions++;
+      this.trace(`${n.id}#${n.inc} self-evicted: stops`);
+      this.stop(n);
+    }
+  }
+
+  /** The driver's fence, step 1: ask every peer up whether it still hears the victim (as the coordinator does). */
+  private startFence(n: SimNode, victim: number): void {
+    if (n.fencing !== null) this.violation(`${n.id}: membership asked to fence ${victim} while fencing ${n.fencing.victim}`);
+    const asks = n.mb!.members().filter((v) => v.state === 'up' && v.id !== victim).map((v) => v.id);
+    const q = ++this.fenceSeq;
+    n.fencing = { victim, q, waiting: new Set(asks), heardBy: null, notHeard: [], deadline: this.now + this.real!.viewTimeoutTicks };
+    for (const p of asks) this.net.send(this.now, n.id, p, { ch: 'view?', node: victim, q });
+  }
+
+  /**
+   * The driver's fence, step 2: mark the victim's journal held by this node, read its
+   * records, step `fenced`; the oplock machine claims the records into this node's
+   * journal in the same step; then the victim's journal is released, empty.
+   */
+  private fence(x: SimNode, victimId: number): void {
+    const v = this.nodes.get(victimId)!;
+    const j = v.store;
+    if (j.fencedBoot === j.boot && j.fencedBy !== null) {
+      // Another evictor fenced this boot already (two evictors for a moment: views
+      // differ while connections come and go; or its notice was lost with it). The
+      // journal says who: take it as that evictor's notice (the records went to it).
+      this.stats.alreadyFenced++;
+      this.trace(`${x.id}: not fencing ${victimId}: boot ${j.boot} was fenced by ${j.fencedBy}`);
+      const by = j.fencedBy === x.id ? victimId : j.fencedBy; // a notice "from" a configured peer
+      this.stepMembership(x, { kind: 'message', from: by, message: { type: 'evicted', node: victimId, records: [], cleaner: j.fencedBy, epoch: 0, boot: j.boot } });
+      this.stepMembership(x, { kind: 'fence-failed', node: victimId });
+      this.pump();
+      return;
+    }
+    const live = v.alive;
+    if (live) {
+      if (this.real!.fence === 'notice') {
+        this.violation(`${x.id}#${x.inc} fenced ${v.id}#${v.inc} (boot ${j.boot}), which is alive${v.up ? '' : ' and booting'}: ` +
+          'the coordinator does not stop it before the survivors act on the eviction');
+      }
+      this.stats.liveFenced++;
+      this.trace(`stonith ${v.id}#${v.inc}`);
+      this.stop(v);
+    }
+    this.stats.fences++;
+    this.stats.evictions++;
+    const prior = this.fences.filter((f) => f.victim === victimId && f.boot === j.boot && f.by !== x.id);
+    for (const f of prior) {
+      const by = this.nodes.get(f.by)!;
+      if (by.up && by.inc === f.byInc) {
+        this.violation(`${x.id}#${x.inc} and ${f.by}#${f.byInc} (at tick ${f.tick}) both fenced ${victimId} boot ${j.boot}, and both run`);
+      }
+    }
+    v.evicted = true;
+    v.fencedTick = this.now;
+    this.net.purge(v.id); // its connections are gone
+    j.heldBy = x.id;
+    const claim = new Map<LockId, Token[]>();
+    for (const [lock, ts] of j.records) {
+      for (const t of ts) {
+        if (t.orphanedTick === null) this.violation(`${x.id} fenced ${v.id}: record of ${lock} by ${t.owner}#${t.ownerInc}, which still runs`);
+      }
+      claim.set(lock, [...ts]);
+    }
+    for (const lock of this.locks) {
+      const m = this.metadata(lock);
+      if (m.dirtyAt !== null && m.dirtyAt.id === v.id) {
+        m.mediaVer = m.ver; // the evictor replays its metadata journal
+        m.dirtyAt = null;
+      }
+    }
+    const records = [...claim.keys()].sort();
+    this.fences.push({ victim: victimId, boot: j.boot, by: x.id, byInc: x.inc, tick: this.now, records, live });
+    this.trace(`${x.id}#${x.inc} fences ${v.id} boot ${j.boot}, records [${records.join(',')}]`);
+    x.claims.set(victimId, claim);
+    this.stepMembership(x, { kind: 'fenced', node: victimId, records, boot: j.boot }, j.boot);
+    this.pump();
+    if (x.claims.has(victimId)) this.violation(`${x.id}#${x.inc} fenced ${victimId} but never claimed its records`);
+    j.records = new Map();
+    j.heldBy = null;
+    j.fencedBoot = j.boot;
+    j.fencedBy = x.id;
+    v.journal = new Set();
+    if (this.random !== null && v.restartAtTick === null && !this.quieting) {
+      v.restartAtTick = this.now + this.prng.range(...this.random.restartDelayTicks);
+    }
+  }
+
+  private journalAdd(n: SimNode, lock: LockId): void {
+    const list = n.store.records.get(lock) ?? [];
+    const claimed = n.activeClaim?.get(lock);
+    if (claimed !== undefined) {
+      list.push(...claimed);
+      n.activeClaim!.delete(lock);
+    } else if (!list.some((t) => t.owner === n.id && t.ownerInc === n.inc)) {
+      list.push({ lock, owner: n.id, ownerInc: n.inc, orphanedTick: null, cleaned: 0, cleanedBy: [] });
+    }
+    n.store.records.set(lock, list);
+    n.journal.add(lock);
+  }
+
+  private journalRemove(n: SimNode, lock: LockId): void {
+    for (const t of n.store.records.get(lock) ?? []) {
+      if (t.orphanedTick !== null && t.cleaned === 0) {
+        this.violation(`${n.id}#${n.inc} cleared its record of ${lock} inherited from ${t.owner}#${t.ownerInc} before cleaning it`);
+      }
+    }
+    n.store.records.delete(lock);
+    n.journal.delete(lock);
+  }
+
+  private cleanUpToken(n: SimNode, lock: LockId): void {
+    const list = n.store.records.get(lock) ?? [];
+    const todo = list.filter((t) => t.orphanedTick !== null && t.cleaned === 0);
+    if (todo.length === 0) {
+      const done = this.tokens.filter((t) => t.lock === lock && t.cleaned > 0);
+      this.violation(`${n.id}#${n.inc} granted cleanup of ${lock} with no record to clean ` +
+        `(already cleaned: ${done.map((t) => `${t.owner}#${t.ownerInc} by ${t.cleanedBy.join(' and ')}`).join(', ') || 'none'})`);
+    }
+    for (const t of todo) {
+      t.cleaned++;
+      t.cleanedBy.push(`${n.id}#${n.inc}`);
+    }
+    // Cleaned: the record now stands for this node's own hold (as with any non-volatile
+    // acquisition): if it dies before the release, its heir cleans again, once.
+    const kept = list.filter((t) => !todo.includes(t));
+    if (!kept.some((t) => t.owner === n.id && t.ownerInc === n.inc)) {
+      kept.push({ lock, owner: n.id, ownerInc: n.inc, orphanedTick: null, cleaned: 0, cleanedBy: [] });
+    }
+    n.store.records.set(lock, kept);
+    this.stats.cleanups++;
+  }
+
+  private holderOf(t: Token): string {
+    const at = [...this.nodes.values()].filter((n) => (n.store.records.get(t.lock) ?? []).includes(t)).map((n) => `${n.id}`);
+    return at.length > 0 ? `node ${at.join(', ')}` : 'nobody';
+  }
+
+  /** A malformed membership frame: rejected with a reason, no output, no state change. */
+  private deliverMembershipJunk(): void {
+    const up = this.upNodes();
+    if (up.length === 0) return;
+    const n = this.prng.pick(up);
+    const from = this.prng.pick(this.ids().filter((id) => id !== n.id));
+    const ev = { type: 'evicted', node: from, records: [], cleaner: n.id, epoch: 1, boot: 0 };
+    const junk: unknown[] = [
+      null, 7, 'suspect', [], {}, { type: 'suspect' }, { type: 'suspect', node: -1 }, { type: 'suspect', node: 64 },
+      { type: 'suspect', node: 0.5 }, { type: 'nope', node: 1 }, { ...ev, cleaner: 99 }, { ...ev, epoch: -1 }, { ...ev, epoch: 1.5 },
+      { ...ev, boot: 'x' }, { ...ev, records: 'x' }, { ...ev, records: [1] }, { ...ev, records: ['x'.repeat(161)] }, { ...ev, node: undefined },
+    ];
+    const raw = this.prng.pick(junk);
+    const mb = n.mb!;
+    const before = JSON.stringify([mb.members(), mb.evictor(), mb.hasQuorum()]);
+    mb.step({ kind: 'message', from, message: raw });
+    const r = mb.ready();
+    if (r.rejected.length !== 1 || r.send.length + r.fence.length + r.evicted.length > 0 || r.selfEvicted) {
+      this.violation(`membership of ${n.id} accepted junk ${JSON.stringify(raw)}: ${JSON.stringify(r)}`);
+    }
+    if (JSON.stringify([mb.members(), mb.evictor(), mb.hasQuorum()]) !== before) this.violation(`junk ${JSON.stringify(raw)} changed ${n.id}'s membership`);
+    this.stats.junkMembershipRejected++;
   }
 
   // ------------------------------------------------------------ random driver
@@ -668,7 +1310,7 @@ export class SimCluster {
     const up = this.upNodes();
     if (up.length > 1) {
       for (const n of up) {
-        if (this.upNodes().length > 1 && this.prng.chance(r.crashRate)) this.crash(n.id);
+        if (this.upNodes().length > 1 && this.prng.chance(r.crashRate) && this.mayCrash(n)) this.crash(n.id);
       }
     }
     if (this.partitionEndsTick !== null && this.now >= this.partitionEndsTick) this.heal();
@@ -694,6 +1336,7 @@ export class SimCluster {
     const parsed = parseOplockMessage(frame);
     if (!('error' in parsed)) this.violation(`parser accepted junk ${JSON.stringify(frame)}`);
     this.stats.junkRejected++;
+    if (this.real !== null) this.deliverMembershipJunk();
   }
 
   // ------------------------------------------------------------ invariants
@@ -738,14 +1381,14 @@ export class SimCluster {
   }
 
   private violation(message: string): never {
-    const trace = this.traceLog === null ? '' : `\nrecent events:\n  ${this.traceLog.slice(-80).join('\n  ')}`;
+    const trace = this.traceLog === null ? '' : `\nrecent events:\n  ${this.traceLog.slice(-TRACE_PRINT).join('\n  ')}`;
     throw new SimViolation(`seed ${this.options.seed}, tick ${this.now}: ${message}${trace}`);
   }
 
   private trace(line: string): void {
     if (this.traceLog === null) return;
     this.traceLog.push(`[${this.now}] ${line}`);
-    if (this.traceLog.length > 400) this.traceLog.splice(0, 100);
+    if (this.traceLog.length > TRACE_KEEP) this.traceLog.splice(0, TRACE_KEEP / 4);
   }
 
   // ------------------------------------------------------------ small helpers
@@ -832,6 +1475,22 @@ export class SimNodeHandle {
     return [...this.n.journal].sort();
   }
 
+  /** Real membership: the process runs (booting or up). */
+  get alive(): boolean {
+    return this.n.alive;
+  }
+
+  /** Real membership: this incarnation's membership machine. */
+  get membership(): Membership {
+    if (this.n.mb === null) throw new Error(`node ${this.n.id} has no membership (down, booting, or the stub)`);
+    return this.n.mb;
+  }
+
+  /** Real membership: the boot count in this node's journal. */
+  get boot(): number {
+    return this.n.store.boot;
+  }
+
   /** Whether this node's CP serves `lock` from a cached copy. */
   serving(lock: LockId): boolean {
     return this.n.cp.get(lock)?.serving ?? false;
@@ -840,6 +1499,21 @@ export class SimNodeHandle {
 
 export function simCluster(options: Partial<SimClusterOptions> & { nodes: number }): SimCluster {
   return new SimCluster({ seed: 1, ...options });
+}
+
+function describeMembership(e: MembershipEvent): string {
+  switch (e.kind) {
+    case 'message':
+      return `<- ${e.from} ${JSON.stringify(e.message)}`;
+    case 'fenced':
+      return `fenced ${e.node} boot ${e.boot} records=[${e.records.join(',')}]`;
+    case 'down':
+      return `down ${e.node}${e.restarted ? ' (restarted)' : ''}`;
+    case 'tick':
+      return 'tick';
+    default:
+      return `${e.kind} ${e.node}`;
+  }
 }
 
 function describe(e: OplockEvent): string {
