@@ -269,7 +269,9 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     let engine: Engine | null = null;
     try {
       for (const d of o.config.disks) {
-        const file = FileBackend.open(d.path, { createSizeBytes: fs.existsSync(d.path) ? undefined : d.sizeBytes, queue });
+        // The configured size creates a missing file and grows a smaller one (another node
+        // may have created it an instant ago and not sized it yet).
+        const file = FileBackend.open(d.path, { createSizeBytes: d.sizeBytes, queue });
         disks.set(d.id, new DiskSlot(d.id, file));
       }
       const opened = await openMetadataArea(o.config, o.log);

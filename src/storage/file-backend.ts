@@ -61,11 +61,20 @@ export class FileBackend implements Backend {
         throw new Error(`${abs} does not exist (give --size to create it as a sparse file)`);
       }
       fs.mkdirSync(path.dirname(abs), { recursive: true });
-      const fd = fs.openSync(abs, 'wx', 0o644);
+      let fd: number | null = null;
       try {
-        fs.ftruncateSync(fd, options.createSizeBytes);
-      } finally {
-        fs.closeSync(fd);
+        fd = fs.openSync(abs, 'wx', 0o644);
+      } catch (e) {
+        // Another process (a cluster node starting beside this one) created it first; it
+        // may not have sized it yet: the growth below takes care of that.
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      }
+      if (fd !== null) {
+        try {
+          fs.ftruncateSync(fd, options.createSizeBytes);
+        } finally {
+          fs.closeSync(fd);
+        }
       }
     }
     const pre = fs.statSync(abs);
