@@ -1100,11 +1100,12 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     let hi = v.header.sizeBytes;
     for (let depth = 0; depth < 64; depth++) {
       if (cur.header.base && cur.sharedSet.size > 0) {
+        // Shared or not, the answer holds for this unit only: the next one may differ.
         const ub = this.unitBytes(cur);
         const u = Math.floor(pos / ub);
+        lo = Math.max(lo, u * ub);
+        hi = Math.min(hi, (u + 1) * ub);
         if (cur.sharedSet.has(u)) {
-          lo = Math.max(lo, u * ub);
-          hi = Math.min(hi, (u + 1) * ub);
           const b = this.volumes.get(cur.header.base);
           if (!b) return null;
           cur = b;
@@ -1580,6 +1581,14 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
       start = Math.max(start, e * E);
       end = Math.min(end, (e + 1) * E);
       faultOnWrite ||= !this.writeHeld(v, e) || v.closing.has(e) || this.needsAge(v, e);
+    }
+    if (this.derivedOf(v).length > 0) {
+      // An origin with snapshots sharing its units: one unit per mapping, so a pushed
+      // unit is written through the FP while its neighbours still fault.
+      const ub = this.unitBytes(v);
+      const u = Math.floor(offsetBytes / ub);
+      start = Math.max(start, u * ub);
+      end = Math.min(end, (u + 1) * ub);
     }
     faultOnWrite ||= this.cowPending(v, start, end - start);
     const mig = v.header.migration;

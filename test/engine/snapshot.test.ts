@@ -164,3 +164,17 @@ test('a cancelled migration keeps its barrier and the same migrate resumes it; c
   for (let i = 0; i < 8; i++) t.true((await read(e, 'o', i * MiB)).equals(Buffer.alloc(4096, 0x20 + i)));
   t.throws(() => e.cancelTask('nope'), { message: /no task nope/ });
 });
+
+for (const layout of ['linear', 'striped'] as const) {
+  test(`${layout}: after reading a pushed unit of a snapshot, its shared units still read the origin's bytes`, async (t) => {
+    const e = await open(t, layout);
+    for (let i = 0; i < 8; i++) t.is(await write(e, 'o', 0x11, i * MiB, 4096), 0);
+    await e.createSnapshots([{ volume: 'o', name: 's' }]);
+    t.is(await write(e, 'o', 0x22, 2 * MiB), 0); // pushes one unit
+    t.true((await read(e, 's', 2 * MiB)).equals(Buffer.alloc(4096, 0x11)), 'the pushed unit has the old data');
+    for (const i of [0, 1, 3, 5, 7]) t.true((await read(e, 's', i * MiB)).equals(Buffer.alloc(4096, 0x11)), `shared unit at ${i} MiB reads the origin`);
+    t.is(await write(e, 'o', 0x33, 3 * MiB), 0);
+    t.true((await read(e, 's', 3 * MiB)).equals(Buffer.alloc(4096, 0x11)));
+    t.true((await read(e, 'o', 3 * MiB)).equals(Buffer.alloc(4096, 0x33)));
+  });
+}
