@@ -311,19 +311,26 @@ export function registerAdminCommands(program: Command): void {
   const snapshot = program.command('snapshot').description('copy-on-write snapshots: instant, read-only, exported over NBD under their own name');
   snapshot.command('create')
     .description('snapshot VOL as NAME; with --group, snapshot several volumes at one instant (named VOL.NAME)')
-    .argument('[volume]', 'the volume to snapshot (omit with --group)')
-    .argument('<name>', 'snapshot name (with --group: the suffix of each snapshot)', nameArg('NAME'))
+    .argument('<volume>', 'the volume to snapshot (with --group: the snapshot name suffix)', nameArg('VOLUME'))
+    .argument('[name]', 'snapshot name (omit with --group)')
     .option('--group <volumes>', 'comma-separated volumes to snapshot together (a consistency group: I/O to all of them is paused on every node meanwhile)', disksArg)
     .option('--timeout <ms>', 'give up (and resume I/O) if the nodes do not all pause within this long', wholeArg('--timeout', 1), 10_000)
     .option('--complete', 'also start the background task that copies every shared unit (the snapshot then no longer depends on its origin)', false)
-    .action(async (volume: string | undefined, name: string, o: CommonOptions & { group?: string[]; timeout: number; complete: boolean }) => {
+    .action(async (first: string, second: string | undefined, o: CommonOptions & { group?: string[]; timeout: number; complete: boolean }) => {
       const label = 'dve snapshot create';
-      if ((volume === undefined) === (o.group === undefined)) {
-        process.stderr.write(`${label}: give either VOLUME NAME or --group VOL,VOL NAME\n`);
+      // dve snapshot create VOLUME NAME, or dve snapshot create --group VOL,VOL NAME
+      if ((second === undefined) === (o.group === undefined)) {
+        process.stderr.write(`${label}: give either VOLUME NAME, or --group VOL,VOL… NAME\n`);
         process.exitCode = 1;
         return;
       }
-      const pairs = o.group ? o.group.map((v) => ({ volume: v, name: `${v}.${name}` })) : [{ volume: volume!, name }];
+      const name = o.group ? first : second!;
+      if (name.trim() === '') {
+        process.stderr.write(`${label}: NAME is empty\n`);
+        process.exitCode = 1;
+        return;
+      }
+      const pairs = o.group ? o.group.map((v) => ({ volume: v, name: `${v}.${name}` })) : [{ volume: first, name }];
       await withNode(label, o, async (c) => {
         const snaps = await c.createSnapshots(pairs, o.timeout);
         const tasks = o.complete ? await Promise.all(snaps.map((s) => c.completeSnapshot(s.name))) : [];
