@@ -396,16 +396,21 @@ export class Coordinator {
     await this.o.journals.write(this.journal);
   }
 
-  /** Does any live peer still hear `node`? (Views differ while connections come up.) */
+  /**
+   * Does any live peer still hear `node`, or fail to say it does not? (Views differ
+   * while connections come up and go down.) Only every peer this node sees up
+   * answering "not heard" lets a fence go on: silence is a veto, not a yes, so a node
+   * cut off with stale views cannot fence the others.
+   */
   private async heardByPeers(node: NodeId): Promise<NodeId | null> {
     const mesh = this.o.mesh;
     if (!mesh) return null;
     const asks = this.livePeers().filter((p) => p !== node).map(async (p) => {
       try {
         const r = (await mesh.request(p, T_MEMBERSHIP_VIEW, { node }, 1000)) as { up?: unknown } | null;
-        return r && r.up === true ? p : null;
+        return r && r.up === false ? null : p;
       } catch {
-        return null;
+        return p;
       }
     });
     return (await Promise.all(asks)).find((p) => p !== null) ?? null;
@@ -414,7 +419,7 @@ export class Coordinator {
   /** Evictor: mark the victim's journal as held by this node, take its records, tell everyone. */
   private async fence(node: NodeId): Promise<void> {
     try {
-      const hears = await this.heardByPeers(node);
+      const hears = (this.o.mesh?.isUp(node) ? node : null) ?? (await this.heardByPeers(node)) ?? (this.o.mesh?.isUp(node) ? node : null);
       if (hears !== null) {
         this.log.info({ node, heardBy: hears }, 'not fencing: a peer still hears the node');
         this.membership.step({ kind: 'fence-failed', node });

@@ -34,6 +34,18 @@
  * **Evicted nodes.** An `evicted` message about this node itself means the cluster
  * fenced it (it was partitioned or too slow): `selfEvicted` tells the driver, which
  * must stop serving and restart as a new incarnation.
+ *
+ * **Notices.** A notice names the victim's boot: one about a boot already evicted here
+ * (or an older one) is a duplicate or stale, and one about a node this node sees up
+ * (connected, not suspected) is ignored — the node restarted since, or it will get its
+ * own notice. Every node keeps the last notice per victim (without the records, which
+ * went to the cleaner) and passes it on: to a peer that comes up (a restarted node
+ * learns the evictions it missed before its grace runs out) and to a peer that suspects
+ * an evicted node (it missed the notice); `notice()` lets a driver answer a fencing
+ * peer with it. A suspicion of a node the mesh still hears lapses after the grace if
+ * nobody evicted it, and a fence vetoed while the mesh hears the node leaves it up:
+ * otherwise a slow peer would stay down here for as long as its connection lives, and
+ * this node would compute another evictor than its peers.
  */
 export type NodeId = number;
 /** `unknown`: not heard from since this node started (becomes `down` after the boot grace). */

@@ -1,7 +1,8 @@
 /**
  * A simulated cluster for the oplock protocol: N real `OplockMachine`s, a simulated
- * network (`network.ts`), simulated CPs, simulated shared metadata and journals, and a
- * membership stub, all driven by one PRNG (`prng.ts`) so that a seed replays exactly.
+ * network (`network.ts`), simulated CPs, simulated shared metadata and journals, and
+ * membership — a stub, or one real `Membership` per node incarnation — all driven by
+ * one PRNG (`prng.ts`) so that a seed replays exactly.
  *
  * Simulated CP (one per node incarnation), per oplock:
  * - holds a copy of the metadata at some version while it serves from it (`serving`);
@@ -14,11 +15,84 @@
  * - releases what it acquired after a random hold (or forgets a non-volatile one,
  *   which the idle sweep must release).
  *
- * Membership stub: an `evict` suggestion from a live node fences the target (it stops
- * at once, its connections are torn down, its unflushed journal is flushed by the
- * evictor) and delivers `evicted` — with the records in the target's journal and the
- * suggester as cleaner — to every live node. A crashed node that nobody evicted is
- * evicted when it restarts; it comes back fresh in Boot as a new incarnation.
+ * ## Membership stub (`membership: 'stub'`, the default; scripted oplock tests use it)
+ * An `evict` suggestion from a live node fences the target (it stops at once, its
+ * connections are torn down, its unflushed journal is flushed by the evictor) and
+ * delivers `evicted` — with the records in the target's journal and the suggester as
+ * cleaner — to every live node. A crashed node that nobody evicted is evicted when it
+ * restarts; it comes back fresh in Boot as a new incarnation.
+ *
+ * ## Real membership (`membership: 'real'`)
+ * Each node incarnation runs a real `Membership` (cluster/membership.ts), driven as the
+ * coordinator drives it, by a simulated driver:
+ * - Mesh: a peer is `up` for a node once both run and can talk (partitions cut that),
+ *   `down` after `peerTimeoutTicks` without reaching it, and "restarted" (`down` with
+ *   `restarted`, then `up`) when it reaches another incarnation before that. A node's
+ *   process runs from its restart: it boots (replays the records in its journal for
+ *   `replayTicks`), then starts (oplock machine, membership) as the next boot count.
+ * - Membership messages, the fence's "do you hear it?" requests and their answers all
+ *   travel the simulated network with the oplock messages, with the same loss, delay,
+ *   duplication, reordering and partitions.
+ * - Oplock `evict` → membership `suspect`; membership `evicted` → oplock `evicted`;
+ *   `selfEvicted` → the node stops (and restarts later).
+ * - `fence` (as `Coordinator.fence`): ask every peer up whether it still hears the
+ *   victim; then, atomically, read the victim's journal, mark it held by this node,
+ *   step `fenced` with its records and boot (the oplock machine claims the records into
+ *   this node's journal in the same step), and release the victim's journal, empty.
+ * - Journals are shared metadata and survive their node. Each record is a token, so a
+ *   record replayed twice (two heirs, or an heir and the rebooted owner) is caught on
+ *   the token. A record becomes an orphan when its owner incarnation dies; once an heir
+ *   cleans it, the record in the heir's journal stands for the heir's own hold.
+ *
+ * What a fence does to a victim that still runs (`real.fence`):
+ * - 'stonith': stops it at once, as if the fence cut it off the shared storage;
+ * - 'notice': nothing, as the coordinator does (the victim stops when the notice reaches
+ *   it) — so the sim makes fencing a live node a violation. It happens, by design,
+ *   whenever a live node is suspected: a partition (the majority evicts the minority
+ *   while the minority still serves and may hold oplocks Acquired); a slow answer (a CP
+ *   revoke or a network delay longer than the ack timeout; in a 2-node cluster no peer
+ *   can veto the fence); a lost message; or a quick restart (the survivors' oplock
+ *   attempts still wait for the dead incarnation, time out and suspect the node, and
+ *   the evictor fences the NEW incarnation: suspicions name no incarnation). The
+ *   survivors then act on the eviction (grant, revoke nothing) while the victim still
+ *   serves: two writers, stale readers. The 'notice' sweep therefore runs the fault mix
+ *   under which no live node is ever suspected: no partitions, no drops (the real mesh
+ *   is reliable between live processes), an ack timeout above any round trip, crashes
+ *   that keep a quorum alive, and a crashed node restarts only after every live node
+ *   learnt its eviction (`restartAfterEviction`). The 'stonith' sweep keeps the full
+ *   fault mix but restarts crashed nodes only while no partition is in force
+ *   (`restartWhenHealed`): a node that boots on one side learns evictions of nodes
+ *   that may have restarted on the other; stepped into its fresh oplock machine they
+ *   drop those nodes from its jlist, and as both sides then ignore each other after the
+ *   heal, an acquire is granted without revoking a live sharer (stonith seeds 452 and 672 without it).
+ *
+ * The simulated driver does more than the coordinator does today (`real.driver`, all
+ * on; turning one off shows what it is for):
+ * - quorumOfAnswers: a fence needs "not up" answers from a quorum (with itself); the
+ *   coordinator counts a peer that does not answer as one that does not hear the
+ *   victim, so a node cut off with stale views fences the majority (stonith seed 306:
+ *   a grant while a fenced node's unflushed updates were not replayed);
+ * - fencedMarker: the victim's journal records the boot fenced and by whom; a second
+ *   evictor (views differ for a moment) adopts that eviction instead of fencing again
+ *   (stonith seeds 452, 698, 824, ...: two live nodes fence the same boot; in the
+ *   coordinator both may read the records before either clears them);
+ * - staleNoticeFilter: a notice about a boot older than one the oplock machine already
+ *   talks to is dropped, as the membership cannot tell boots apart (stonith seeds 891,
+ *   926, 1033, ...: an oplock machine drops a live, restarted node);
+ * - earlyNotices: eviction notices that reach a booting node are stepped at its start
+ *   (the node process starts its mesh before the coordinator listens: they are lost;
+ *   notice seed 347: a restarted node never learns an eviction, waits, and its
+ *   suspicion fences a live node);
+ * - recheckDown: after the peers answered, the victim must still be down here (it may
+ *   have restarted: the coordinator would fence the new boot while it replays its
+ *   journal). Not needed by the sweeps as run (a fenced booting node is stopped, or
+ *   never restarts that early) because the sim replays a journal atomically;
+ * - viewCarriesNotice: the answer to "do you hear it?" carries the peer's eviction
+ *   notice (`Membership.notice`), so an evictor that missed one learns it. Not needed
+ *   by the sweeps since the membership passes notices on by itself; kept as a backstop;
+ * - dropFromEvicted: oplock messages from an evicted incarnation are dropped (the
+ *   oplock machine's contract). Never triggers here: a fence purges the victim's
+ *   frames in flight, and a dead process sends nothing; only a fenced live node would.
  *
  * Invariants, checked after every step of every machine:
  * 1. at most one live node is Acquired per oplock;
@@ -31,8 +105,18 @@
  *    node holds unflushed updates when an acquire is granted;
  * 6. every orphaned non-volatile record (a dead owner's) is cleaned up at most once,
  *    and only by the node that inherited it; every message a machine sends parses.
- * After a quiet period (`checkQuiescent`): every pending intent was granted and every
- * orphaned record was cleaned exactly once.
+ * With real membership, also:
+ * 7. no two live nodes both fenced the same incarnation (boot) of a node; no fence
+ *    claims a record of a live owner; ('notice') no live node is fenced;
+ * 8. a fencer's oplock machine claims every record it took; a record inherited is not
+ *    released before it is cleaned; a booting node replays only records nobody cleaned;
+ * 9. no oplock machine is told that a boot of a node is evicted after it heard a later
+ *    boot of that node; every malformed membership frame is rejected with a reason and
+ *    changes nothing.
+ * After a quiet period (`checkQuiescent`): every pending intent was granted, every
+ * orphaned record was cleaned exactly once (cluster-wide: by an heir or by its owner's
+ * next boot, whether one node or two suspected the owner, and through cascades where
+ * the evictor dies mid-cleanup), and no node is still booting.
  */
 import {
   OplockMachine,
@@ -100,7 +184,7 @@ export interface SimClusterOptions {
   /** 'stub' (default): the membership stub; 'real': one real `Membership` per node incarnation (see the header). */
   membership?: 'stub' | 'real';
   /** With `membership: 'real'`. */
-  real?: Partial<RealMembershipOptions>;
+  real?: Partial<Omit<RealMembershipOptions, 'driver'>> & { driver?: Partial<DriverFixes> };
 }
 
 export interface RealMembershipOptions {
@@ -128,7 +212,34 @@ export interface RealMembershipOptions {
   restartAfterEviction: boolean;
   /** A crashed node restarts only while no partition is in force (see the header). */
   restartWhenHealed: boolean;
+  /**
+   * What the simulated driver does beyond the coordinator (cluster/coordinator.ts) as it
+   * is; each is needed (see the header for the failing scenario without it). All on by
+   * default; turn one off to watch the sweep find the bug.
+   */
+  driver: DriverFixes;
 }
+
+export interface DriverFixes {
+  /** Oplock messages from an incarnation after its eviction are dropped (oplock.ts contract, simplification 9). */
+  dropFromEvicted: boolean;
+  /** Eviction notices that reach a booting node are stepped when it starts (not lost). */
+  earlyNotices: boolean;
+  /** A notice about a boot older than one the oplock machine already heard is dropped. */
+  staleNoticeFilter: boolean;
+  /** A fence goes ahead only if this node and the peers that answered "not up" are a quorum (silence is no answer). */
+  quorumOfAnswers: boolean;
+  /** A fence goes ahead only if the victim is still down here after the peers answered (it may have restarted). */
+  recheckDown: boolean;
+  /** The victim's journal says which boot was fenced and by whom; a second fence of it adopts the first. */
+  fencedMarker: boolean;
+  /** A peer's answer to "do you hear it?" carries its eviction notice, if it has one. */
+  viewCarriesNotice: boolean;
+}
+
+export const ALL_DRIVER_FIXES: DriverFixes = {
+  dropFromEvicted: true, earlyNotices: true, staleNoticeFilter: true, quorumOfAnswers: true, recheckDown: true, fencedMarker: true, viewCarriesNotice: true,
+};
 
 export const REAL_MEMBERSHIP_DEFAULTS: RealMembershipOptions = {
   fence: 'stonith',
@@ -138,6 +249,7 @@ export const REAL_MEMBERSHIP_DEFAULTS: RealMembershipOptions = {
   replayTicks: [1, 5],
   restartAfterEviction: false,
   restartWhenHealed: false,
+  driver: ALL_DRIVER_FIXES,
 };
 
 /** What the simulated network carries: oplock and membership messages, and the fence's view requests. */
@@ -324,7 +436,9 @@ export class SimCluster {
     this.random = options.random ?? null;
     this.cpBehaviour = { ...SCRIPTED_CP, ...options.cp };
     this.traceLog = options.trace ? [] : null;
-    this.real = options.membership === 'real' ? { ...REAL_MEMBERSHIP_DEFAULTS, ...options.real } : null;
+    this.real = options.membership === 'real'
+      ? { ...REAL_MEMBERSHIP_DEFAULTS, ...options.real, driver: { ...ALL_DRIVER_FIXES, ...options.real?.driver } }
+      : null;
     this.isNonVolatile = options.nonVolatile ?? ((lock) => /\[\d*[13579]\]$/.test(lock));
     this.machineOptions = {
       ackTimeoutTicks: options.ackTimeoutTicks ?? SCRIPT_DEFAULTS.ackTimeoutTicks,
@@ -613,7 +727,11 @@ export class SimCluster {
     for (const env of this.net.due(this.now)) {
       const n = this.nodes.get(env.to)!;
       const w = env.message;
-      if (n.alive && !n.up && w.ch === 'mb') n.early.push({ from: env.from, m: w.m });
+      // Eviction notices that reach a booting node are kept for its start (suspicions
+      // are not: they are about the past, and the oplock machines repeat them).
+      if (n.alive && !n.up && w.ch === 'mb' && this.real?.driver.earlyNotices && (w.m as { type?: unknown } | null)?.type === 'evicted') {
+        n.early.push({ from: env.from, m: w.m });
+      }
       if (!n.up) continue;
       if (w.ch !== 'op') {
         this.deliverMembership(n, env.from, w);
@@ -624,7 +742,7 @@ export class SimCluster {
       if ('error' in parsed) this.violation(`node ${env.from} sent a malformed message: ${parsed.error}`);
       // The oplock machine's contract: nothing from an incarnation after its eviction.
       const eb = n.evictedBoot.get(env.from);
-      if (eb !== undefined && parsed.inc <= eb) {
+      if (eb !== undefined && parsed.inc <= eb && this.real?.driver.dropFromEvicted) {
         this.stats.droppedFromEvicted++;
         continue;
       }
@@ -1022,14 +1140,14 @@ export class SimCluster {
         } else if (x.mb!.state(f.victim) === 'evicted') {
           this.trace(`${x.id}: not fencing ${f.victim}: a peer had it evicted already`);
           this.stepMembership(x, { kind: 'fence-failed', node: f.victim });
-        } else if (!this.quorum([x.id, ...f.notHeard])) {
+        } else if (r.driver.quorumOfAnswers && !this.quorum([x.id, ...f.notHeard])) {
           // Silence is not an answer: the peers that said "gone" and this node must be a
           // quorum, or a node cut off with stale views could fence. (The coordinator
           // counts a peer that did not answer as one that does not hear the victim: reported.)
           this.stats.fenceFailed++;
           this.trace(`${x.id}: not fencing ${f.victim}: only [${f.notHeard.join(',')}] confirmed`);
           this.stepMembership(x, { kind: 'fence-failed', node: f.victim });
-        } else if (x.mb!.state(f.victim) !== 'down') {
+        } else if (r.driver.recheckDown && x.mb!.state(f.victim) !== 'down') {
           // It came back (restarted) while the peers were asked: fencing now would fence
           // its new boot. (The coordinator does not re-check: reported.)
           this.stats.fenceFailed++;
@@ -1057,7 +1175,7 @@ export class SimCluster {
         const m = w.m as { type?: unknown; node?: unknown; boot?: unknown } | null;
         if (m !== null && typeof m === 'object' && m.type === 'evicted' && typeof m.node === 'number' && typeof m.boot === 'number') {
           const heard = n.heardInc.get(m.node);
-          if (heard !== undefined && heard > m.boot) {
+          if (heard !== undefined && heard > m.boot && this.real!.driver.staleNoticeFilter) {
             this.stats.staleNoticesDropped++;
             this.trace(`${n.id}: stale notice about ${m.node} boot ${m.boot} dropped (heard boot ${heard})`);
             return;
@@ -1066,7 +1184,7 @@ export class SimCluster {
         return this.stepMembership(n, { kind: 'message', from, message: w.m });
       }
       case 'view?':
-        this.net.send(this.now, n.id, from, { ch: 'view', q: w.q, up: n.mb!.state(w.node) === 'up', notice: n.mb!.notice(w.node) });
+        this.net.send(this.now, n.id, from, { ch: 'view', q: w.q, up: n.mb!.state(w.node) === 'up', notice: this.real!.driver.viewCarriesNotice ? n.mb!.notice(w.node) : null });
         return;
       case 'view': {
         const f = n.fencing;
@@ -1135,7 +1253,7 @@ export class SimCluster {
   private fence(x: SimNode, victimId: number): void {
     const v = this.nodes.get(victimId)!;
     const j = v.store;
-    if (j.fencedBoot === j.boot && j.fencedBy !== null) {
+    if (j.fencedBoot === j.boot && j.fencedBy !== null && this.real!.driver.fencedMarker) {
       // Another evictor fenced this boot already (two evictors for a moment: views
       // differ while connections come and go; or its notice was lost with it). The
       // journal says who: take it as that evictor's notice (the records went to it).

@@ -179,7 +179,7 @@ if (single !== undefined) {
       t.log(`${mode}: ${total.seeds} seeds (from ${base}) in ${seconds.toFixed(1)} s = ${(total.seeds / seconds).toFixed(1)} seeds/s; ` +
         `${total.ticks} ticks, ${total.steps} steps, ${total.messages} messages, ${total.grants} grants, ` +
         `${total.evictions} evictions, ${total.crashes} crashes, ${total.partitions} partitions, ` +
-        `${total.cleanups} cleanups of ${total.orphans} orphaned records, ${total.idleReleases} idle releases, ${total.junk} junk frames rejected; ` +
+        `${total.cleanups} cleanups (${total.orphans} orphaned records, each cleaned exactly once), ${total.idleReleases} idle releases, ${total.junk} junk frames rejected; ` +
         (mode === 'stub' ? '' : `${total.membershipMessages} membership messages, ${total.fenceFailed} fences not done, ` +
           `${total.liveFenced} live nodes fenced (stonith), ${total.bootReplays} records replayed at boot; `) +
         `longest quiet period to settle: ${total.quietTicksMax} of ${QUIET_MAX_TICKS} ticks`);
