@@ -328,7 +328,9 @@ export class Coordinator {
     const m = this.membership.ready();
     for (const r of m.rejected) {
       this.stats.rejected++;
-      this.log.warn({ reason: r }, 'membership input dropped');
+      // A late notice about an earlier boot of this node or of a peer is expected after a restart.
+      if (/stale|duplicate/.test(r)) this.log.info({ reason: r }, 'membership input dropped');
+      else this.log.warn({ reason: r }, 'membership input dropped');
     }
     for (const s of m.send) this.send(s.to, T_MEMBERSHIP, s.message);
     for (const node of m.fence) void this.fence(node);

@@ -1281,7 +1281,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     if (base.header.journal) throw new AdminError('EINVAL', `volume ${base.header.name} has a write journal; snapshots of journaled volumes are not supported`);
     const h = base.header;
     const shape = { layout: h.layout, copies: h.copies, stripeBytes: h.stripeBytes ?? DEFAULT_STRIPE_BYTES, columns: h.columns };
-    const built = this.buildVseg(0, h.sizeBytes, shape, this.volumeDisks(base).filter((x) => this.disks.get(x)?.state === 'online'));
+    // Any online disks: the derived volume's storage need not sit beside its base's.
+    const built = this.buildVseg(0, h.sizeBytes, shape);
     const units = Math.ceil(h.sizeBytes / this.unitBytes(base));
     const shared = new Set<number>();
     for (let u = 0; u < units; u++) shared.add(u);
