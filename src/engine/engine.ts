@@ -122,6 +122,8 @@ interface Volume extends VolumeRecord {
   wakers: (() => void)[];
   /** Detached (deleted, here or by another node). */
   gone: boolean;
+  /** Bumped by every restrictive revoke of its header oplock: a reread that raced with one is not trusted. */
+  revokes: number;
   /**
    * Volumes with a write journal: this node holds the journal oplock (one appender at
    * a time cluster-wide; held until a peer asks), and its writer is positioned after
@@ -209,6 +211,8 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
   readonly recovery: RecoveryStats = { reconciledExtents: 0, reconciledBytes: 0, evictions: 0 };
   /** The cached root (disk table, volume table) may be used. */
   private rootValid = false;
+  /** Bumped by every restrictive revoke of the root oplock. */
+  private rootRevokes = 0;
   /** Called when the cluster evicted this node: the node stops serving. */
   onSelfEvicted: () => void = () => {};
   /**
@@ -336,8 +340,10 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
 
   /** Share the root, read it (volumes, disks), add disks the configuration names that the table lacks. */
   private async joinCluster(): Promise<void> {
+    const gen = this.rootRevokes;
     await this.cluster.share(ROOT_LOCK);
     await this.reloadRoot();
+    if (this.rootRevokes !== gen) this.rootValid = false; // the revoke's reshare rereads
     for (const v of this.volumes.values()) {
       if (v.valid) continue;
       if (!v.journal && v.header.journal) v.journal = v.fp.journal = await this.openJournal(v);
@@ -379,7 +385,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     const v: Volume = {
       ...rec, fp, exp, copying: new Map(), resyncing: new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk)), journal, swapping: null,
       activeSet: new Set(), activePending: new Map(), activeEpoch: new Map(), closing: new Set(), releasing: new Map(), yielded: new Map(), sweeping: false,
-      valid, paused: 0, wakers: [], gone: false, jnlHeld: false, jnlPending: null, jnlReleasing: null,
+      valid, paused: 0, wakers: [], gone: false, revokes: 0, jnlHeld: false, jnlPending: null, jnlReleasing: null,
       sharedSet: bitmapToSet(rec.header.shared), materializing: new Map(),
     };
     this.volumes.set(rec.header.name, v);
@@ -484,14 +490,19 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     v.fp.sizeBytes = rec.header.sizeBytes;
     v.resyncing = new Set(rec.header.stale.filter((x) => x.resyncing).map((x) => x.disk));
     v.sharedSet = bitmapToSet(rec.header.shared);
+    // Mappings cached from the old copy may point where the new one does not.
+    v.fp.removeAllMappings();
   }
 
   /** Share the volume's header oplock again (granted once any writer released it), reread, serve. */
   private async reshareVolume(v: Volume): Promise<void> {
     try {
+      const gen = v.revokes;
       await this.cluster.share(hdrLock(v));
-      if (v.gone) return;
+      if (v.gone || v.revokes !== gen) return; // revoked again meanwhile: that revoke's reshare serves
       await this.reloadVolume(v);
+      // A revoke that came while we reread may have let a writer change what we read.
+      if (v.revokes !== gen) return;
       v.valid = true;
       this.wake(v);
     } catch (err) {
@@ -501,8 +512,14 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
 
   private async reshareRoot(): Promise<void> {
     try {
+      const gen = this.rootRevokes;
       await this.cluster.share(ROOT_LOCK);
+      if (this.rootRevokes !== gen) return;
       await this.reloadRoot();
+      if (this.rootRevokes !== gen) {
+        this.rootValid = false; // revoked while rereading: the next reshare rereads again
+        return;
+      }
       for (const v of this.volumes.values()) {
         if (!v.valid && !v.gone) void this.reshareVolume(v);
         else this.wake(v); // I/O parked for the root only
@@ -550,6 +567,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     if (!r.restrictive) return; // no dirty metadata journal: updates are on media before release
     if (lock === ROOT_LOCK) {
       this.rootValid = false;
+      this.rootRevokes++;
       const waits: Promise<void>[] = [];
       for (const v of this.volumes.values()) waits.push(v.fp.drain(v.fp.removeAllMappings()));
       await Promise.all(waits);
@@ -560,6 +578,7 @@ export class Engine implements EngineAdmin, CpApi, CoordinatorHooks {
     if (!p || !v) return;
     if (p.kind === 'hdr') {
       v.valid = false;
+      v.revokes++;
       await v.fp.drain(v.fp.removeAllMappings());
     } else if (p.kind === 'mw') {
       const E = this.root.extentBytes;
