@@ -146,6 +146,14 @@ function onStopSignal(log: ReturnType<typeof createLogger>, stop: () => Promise<
   process.on('SIGTERM', handler);
 }
 
+// `dve status | head`: a closed pipe ends the output, not with a stack trace.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw e;
+  });
+}
+
 program.parseAsync(process.argv).catch((e: Error) => {
   process.stderr.write(`dve: ${e.message}\n`);
   process.exit(1);
