@@ -29,10 +29,10 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { AdminClient } from '../../src/admin/client.js';
 import type { FpStatisticsView, VolumeCreateRequest, VolumeInfo } from '../../src/engine/admin-api.js';
+import { fmt, formatMarkdownTable, formatTable, ratio, REPO_ROOT, shellLine, type Align } from './lib.js';
 
 // ---------------------------------------------------------------- configuration
 
@@ -391,15 +391,6 @@ interface ServerDef {
   plan(ctx: LaunchContext): LaunchPlan;
 }
 
-const REPO_ROOT = findRepoRoot(path.dirname(fileURLToPath(import.meta.url)));
-
-function findRepoRoot(start: string): string {
-  for (let dir = start; ; dir = path.dirname(dir)) {
-    if (fs.existsSync(path.join(dir, 'package.json'))) return dir;
-    if (path.dirname(dir) === dir) throw new Error(`no package.json above ${start}`);
-  }
-}
-
 const SERVER_DEFS: Record<ServerName, ServerDef> = {
   // dve does no user-space caching and acknowledges a write once pwrite returns.
   dve: {
@@ -459,10 +450,6 @@ interface RunningServer {
 
 function uriFor(port: number): string {
   return `nbd://${LOOPBACK}:${port}/${EXPORT_NAME}`;
-}
-
-function shellLine(command: string, args: readonly string[]): string {
-  return [command, ...args].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
 }
 
 /** Starts a server and returns once it answers an NBD handshake with the right size. */
@@ -800,29 +787,6 @@ function flushBackingFile(file: string): void {
 }
 
 // ---------------------------------------------------------------- reporting
-
-type Align = 'l' | 'r';
-
-function formatTable(headers: readonly string[], rows: readonly string[][], align: readonly Align[]): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]): string =>
-    cells.map((c, i) => (align[i] === 'r' ? c.padStart(widths[i] ?? 0) : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd();
-  return [line(headers), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n');
-}
-
-function formatMarkdownTable(headers: readonly string[], rows: readonly string[][], align: readonly Align[]): string {
-  const sep = align.map((a) => (a === 'r' ? '---:' : ':---'));
-  return [headers, sep, ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
-}
-
-function fmt(n: number, digits: number): string {
-  if (!Number.isFinite(n)) return 'n/a';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
-}
-
-function ratio(a: number | undefined, b: number | undefined): string {
-  return a === undefined || b === undefined || !Number.isFinite(a) || !Number.isFinite(b) || b === 0 ? 'n/a' : `${fmt(a / b, 2)}x`;
-}
 
 interface Report {
   headers: string[];

@@ -38,54 +38,37 @@
  *
  * Every process started here (nodes, fio) is stopped by pid, also on error or SIGINT.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import { Mesh } from '../../cluster/mesh.js';
 import { Coordinator, type JournalStore, type NodeJournal } from '../../cluster/coordinator.js';
-import { AdminClient } from '../../src/admin/client.js';
 import type { NodeStatus, VolumeInfo } from '../../src/engine/admin-api.js';
+import {
+  checkInterrupted, describeEnvironment, DISK_BYTES, DISKS, EXTENT, fioFirstJob, flushFiles, fmt, fmtLoad, formatMarkdownTable,
+  formatTable, GiB, handleSignals, interrupted, loadAvg, log, LOOPBACK, METADATA, p99Ns, ratio, REPO_ROOT, run, runDve, setLogName,
+  shellLine, spawnNode, stopAllChildren, stopCluster, waitJoined, waitVolumeEverywhere, writeClusterConfig,
+  type Align, type Cluster, type ClusterNode, type Environment,
+} from './lib.js';
 
 // ---------------------------------------------------------------- configuration
 
-const LOOPBACK = '127.0.0.1';
-const MiB = 1024 * 1024;
-const GiB = 1024 * MiB;
+setLogName('cluster-bench');
+
 const SECRET = `cluster-bench-secret-${process.pid}-${Date.now()}`;
 const HEARTBEAT_MS = 200;
 const PEER_TIMEOUT_MS = 3000;
 const CLUSTER_NODES = 3;
-const DISKS = 4;
-const DISK_BYTES = 2 * GiB;
-const METADATA = '16M';
-const EXTENT = '4M';
 const VOLUME_BYTES = GiB;
-const READY_TIMEOUT_MS = 60_000;
-const STOP_GRACE_MS = 10_000;
 /** Fresh-lock cases create one oplock per operation: cap them so the machines stay small. */
 const FRESH_LOCK_CAP = 3000;
 const SAME_LOCK_CAP = 200_000;
 
 /** Linux's USER_HZ: /proc/PID/stat counts CPU time in these. */
 const CLK_TCK = 100;
-const REPO_ROOT = findRepoRoot(path.dirname(fileURLToPath(import.meta.url)));
-
-function findRepoRoot(start: string): string {
-  let dir = start;
-  while (!fs.existsSync(path.join(dir, 'package.json'))) {
-    const up = path.dirname(dir);
-    if (up === dir) throw new Error(`no package.json above ${start}`);
-    dir = up;
-  }
-  return dir;
-}
-
 type VolumeKind = 'mirror' | 'linear';
 const VOLUME_KINDS: readonly VolumeKind[] = ['mirror', 'linear'];
 const VOLUME_NAME: Record<VolumeKind, string> = { mirror: 'bmirror', linear: 'blinear' };
@@ -209,104 +192,6 @@ function parseOptions(argv: string[]): Options {
 
 // ---------------------------------------------------------------- small helpers
 
-/** Progress goes to stderr; stdout carries the report (or the JSON with --json). */
-function log(line: string): void {
-  process.stderr.write(`cluster-bench: ${line}\n`);
-}
-
-interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Every child this script started and has not yet seen exit. */
-const children = new Map<number, { what: string; child: ChildProcess }>();
-let interruptedBy: NodeJS.Signals | undefined;
-
-function checkInterrupted(): void {
-  if (interruptedBy !== undefined) throw new Error(`interrupted by ${interruptedBy}`);
-}
-
-function track(child: ChildProcess, what: string): void {
-  const pid = child.pid;
-  if (pid === undefined) return;
-  children.set(pid, { what, child });
-  child.once('exit', () => children.delete(pid));
-}
-
-/** Runs a command to completion (callers bound it with `timeout -s KILL`). */
-function run(command: string, args: readonly string[]): Promise<RunResult> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    track(child, `${command} ${args.slice(0, 4).join(' ')}`);
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', (err) => resolve({ code: null, stdout, stderr: stderr + err.message }));
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
-
-function alive(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
-function signal(pid: number, sig: NodeJS.Signals): void {
-  try {
-    process.kill(pid, sig);
-  } catch {
-    // already gone
-  }
-}
-
-/** SIGTERM (graceful), then SIGKILL after the grace; says how it ended. */
-async function stopPid(pid: number, graceMs = STOP_GRACE_MS): Promise<string> {
-  if (!alive(pid)) return 'already exited';
-  signal(pid, 'SIGTERM');
-  const deadline = Date.now() + graceMs;
-  while (Date.now() < deadline) {
-    if (!alive(pid)) return 'stopped (SIGTERM)';
-    await sleep(25);
-  }
-  signal(pid, 'SIGKILL');
-  for (let i = 0; i < 200 && alive(pid); i++) await sleep(25);
-  return alive(pid) ? 'still alive after SIGKILL' : 'killed (SIGKILL after the grace)';
-}
-
-async function stopAllChildren(): Promise<void> {
-  await Promise.all([...children.keys()].map((pid) => stopPid(pid, 3000)));
-}
-
-/** `count` distinct ports that were free on loopback a moment ago (held together, so distinct). */
-async function freePorts(count: number): Promise<number[]> {
-  const servers: net.Server[] = [];
-  try {
-    for (let i = 0; i < count; i++) {
-      const s = net.createServer();
-      await new Promise<void>((resolve, reject) => {
-        s.once('error', reject);
-        s.listen(0, LOOPBACK, () => resolve());
-      });
-      servers.push(s);
-    }
-    return servers.map((s) => (s.address() as net.AddressInfo).port);
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  }
-}
-
-function shellLine(command: string, args: readonly string[]): string {
-  return [command, ...args].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
-}
-
 async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!cond()) {
@@ -338,38 +223,6 @@ function latencyStats(us: readonly number[], seconds: number): LatencyStats {
     p99Us: pick(0.99),
     maxUs: sorted.length === 0 ? NaN : sorted[sorted.length - 1]!,
   };
-}
-
-type Align = 'l' | 'r';
-
-function formatTable(headers: readonly string[], rows: readonly string[][], align: readonly Align[]): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]): string =>
-    cells.map((c, i) => (align[i] === 'r' ? c.padStart(widths[i] ?? 0) : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd();
-  return [line(headers), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n');
-}
-
-function formatMarkdownTable(headers: readonly string[], rows: readonly string[][], align: readonly Align[]): string {
-  const sep = align.map((a) => (a === 'r' ? '---:' : ':---'));
-  return [headers, sep, ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
-}
-
-function fmt(n: number, digits: number): string {
-  if (!Number.isFinite(n)) return 'n/a';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
-}
-
-function ratio(a: number | undefined, b: number | undefined): string {
-  return a === undefined || b === undefined || !Number.isFinite(a) || !Number.isFinite(b) || b === 0 ? 'n/a' : `${fmt(a / b, 2)}x`;
-}
-
-function loadAvg(): [number, number, number] {
-  const [a = 0, b = 0, c = 0] = os.loadavg();
-  return [a, b, c];
-}
-
-function fmtLoad(l: readonly number[]): string {
-  return l.map((x) => x.toFixed(2)).join(' ');
 }
 
 // ---------------------------------------------------------------- part 1: oplocks in process
@@ -568,163 +421,18 @@ async function lockPart(opts: Options): Promise<LockPart> {
 
 // ---------------------------------------------------------------- part 2: the cluster as processes
 
-interface ClusterNode {
-  id: number;
-  nbd: number;
-  admin: number;
-  mesh: number;
-  pid: number;
-  client: AdminClient;
-  commandLine: string;
-  /** Lines the node logged at warn and above (the first 200). */
-  logLines: string[];
-  logFile: string;
-  exited(): string | undefined;
-  stopNote?: string;
-}
-
-interface Cluster {
-  dir: string;
-  stateDir: string;
-  configFile: string;
-  diskFiles: string[];
-  nodes: ClusterNode[];
-}
-
-/** A pino JSON line as "LEVEL msg {fields}"; anything else as it is. */
-function nodeLogLine(line: string): string {
-  try {
-    const o = JSON.parse(line) as Record<string, unknown>;
-    const { level, time: _time, msg, pid: _pid, hostname: _host, ...rest } = o;
-    const name = ({ 40: 'WARN', 50: 'ERROR', 60: 'FATAL' } as Record<string, string>)[String(level)] ?? `level ${String(level)}`;
-    return `${name} ${String(msg)} ${JSON.stringify(rest)}`.slice(0, 500);
-  } catch {
-    return line.slice(0, 500);
-  }
-}
-
-async function writeClusterConfig(dir: string): Promise<Cluster> {
-  const stateDir = path.join(dir, 'state');
-  fs.mkdirSync(path.join(dir, 'disks'), { recursive: true });
-  fs.mkdirSync(stateDir, { recursive: true });
-  const ports = await freePorts(3 * CLUSTER_NODES);
-  const diskFiles = Array.from({ length: DISKS }, (_, i) => path.join(dir, 'disks', `d${i + 1}.img`));
-  const configFile = path.join(dir, 'dve.yaml');
-  const specs = Array.from({ length: CLUSTER_NODES }, (_, i) => ({ id: i + 1, nbd: ports[3 * i]!, admin: ports[3 * i + 1]!, mesh: ports[3 * i + 2]! }));
-  fs.writeFileSync(configFile, [
-    '# written by scripts/bench/cluster-bench.ts: 3 nodes on loopback, fixed free ports, shared sparse disk files',
-    `cluster: { name: cluster-bench, secret: ${JSON.stringify(SECRET)}, heartbeat: ${HEARTBEAT_MS}, peerTimeout: ${PEER_TIMEOUT_MS} }`,
-    'nodes:',
-    ...specs.map((n) => `  - { id: ${n.id}, nbd: "${LOOPBACK}:${n.nbd}", admin: "${LOOPBACK}:${n.admin}", mesh: "${LOOPBACK}:${n.mesh}" }`),
-    'disks:',
-    ...diskFiles.map((f, i) => `  - { id: d${i + 1}, path: ${JSON.stringify(f)}, size: ${DISK_BYTES / MiB}M }`),
-    'metadata:',
-    `  path: ${JSON.stringify(path.join(dir, 'meta.img'))}`,
-    `  size: ${METADATA}`,
-    `extentSize: ${EXTENT}`,
-    '',
-  ].join('\n'));
-  return {
-    dir, stateDir, configFile, diskFiles,
-    nodes: specs.map((s) => ({
-      ...s, pid: 0, client: new AdminClient({ host: LOOPBACK, port: s.admin }, { timeoutMs: 15_000 }), commandLine: '',
-      logLines: [], logFile: path.join(dir, `node-${s.id}.log`), exited: () => undefined,
-    })),
-  };
-}
-
-/** Starts one node in the foreground as our child (its log to DIR/node-N.log), returns once its node file names it. */
-function spawnNode(c: Cluster, n: ClusterNode): Promise<void> {
-  const args = [path.join(REPO_ROOT, 'bin/dve.js'), 'node', 'start', '--id', String(n.id), '--config', c.configFile, '--state-dir', c.stateDir, '--log-level', 'warn'];
-  n.commandLine = shellLine('node', args.map((a) => a.replace(`${REPO_ROOT}/`, '').replace(`${c.dir}/`, 'TMP/')));
-  const out = fs.openSync(n.logFile, 'a');
-  const child = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  track(child, `node ${n.id}`);
-  let ended: string | undefined;
-  child.on('error', (err) => (ended ??= err.message));
-  child.on('exit', (code, sig) => (ended ??= sig ? `killed by ${sig}` : `exited with code ${code}`));
-  // Everything goes to DIR/node-N.log; pino lines (warn and above at this log level) and
-  // anything on stderr are also kept for the report. The start-up banner on stdout is not.
-  const partial = { out: '', err: '' };
-  const onData = (stream: 'out' | 'err') => (d: Buffer): void => {
-    fs.writeSync(out, d);
-    const lines = (partial[stream] + d.toString()).split('\n');
-    partial[stream] = lines.pop() ?? '';
-    for (const raw of lines) {
-      const text = raw.trim();
-      if (text === '' || (stream === 'out' && !text.startsWith('{'))) continue;
-      const line = nodeLogLine(text);
-      if (n.logLines.length < 200) n.logLines.push(line);
-      if (n.logLines.length <= 20) log(`node ${n.id} says: ${line}`);
-    }
-  };
-  child.stdout.on('data', onData('out'));
-  child.stderr.on('data', onData('err'));
-  child.on('close', () => fs.closeSync(out));
-  if (child.pid === undefined) throw new Error(`could not start node ${n.id}`);
-  n.pid = child.pid;
-  n.exited = () => ended;
-  const nodeFile = path.join(c.stateDir, `node-${n.id}.json`);
-  return (async () => {
-    const deadline = Date.now() + READY_TIMEOUT_MS;
-    for (;;) {
-      checkInterrupted();
-      if (ended !== undefined) throw new Error(`node ${n.id} ${ended} before writing ${nodeFile} (log: ${n.logFile})`);
-      if (Date.now() > deadline) throw new Error(`node ${n.id}: no ${nodeFile} after ${READY_TIMEOUT_MS / 1000}s (log: ${n.logFile})`);
-      try {
-        const info = JSON.parse(fs.readFileSync(nodeFile, 'utf8')) as { pid?: number };
-        if (info.pid === n.pid) return;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT' && !(err instanceof SyntaxError)) throw err;
-      }
-      await sleep(50);
-    }
-  })();
-}
-
-async function stopCluster(c: Cluster): Promise<void> {
-  await Promise.all(c.nodes.map(async (n) => {
-    if (n.pid <= 0) return;
-    const how = await stopPid(n.pid);
-    n.stopNote = n.exited() !== undefined && how === 'already exited' ? `had ${n.exited()} before the end` : how;
-  }));
-}
-
-function dveCli(args: string[], timeoutSec = 120): Promise<RunResult> {
-  return run('timeout', ['-s', 'KILL', String(timeoutSec), process.execPath, path.join(REPO_ROOT, 'bin/dve.js'), ...args]);
-}
-
 async function createVolume(c: Cluster, kind: VolumeKind): Promise<{ info: VolumeInfo; command: string }> {
   const args = ['volume', 'create', VOLUME_NAME[kind], '--size', `${VOLUME_BYTES / GiB}G`, '--layout', VOLUME_LAYOUT[kind], '--state-dir', c.stateDir, '--node', '1', '--json'];
-  const r = await dveCli(args);
+  const r = await runDve(args, 120);
   if (r.code !== 0) throw new Error(`dve ${args.join(' ')} failed (${r.code}): ${(r.stderr || r.stdout).trim()}`);
   const info = JSON.parse(r.stdout) as VolumeInfo;
   // Every node exports every volume: wait until nodes 2 and 3 serve it too.
-  for (const n of c.nodes) {
-    const deadline = Date.now() + 20_000;
-    while (!(await n.client.showVolume(info.name).then(() => true, () => false))) {
-      checkInterrupted();
-      if (Date.now() > deadline) throw new Error(`node ${n.id} does not know volume ${info.name} 20 s after it was created`);
-      await sleep(100);
-    }
-  }
+  await waitVolumeEverywhere(c, info.name);
   return { info, command: shellLine('node', ['bin/dve.js', ...args.map((a) => a.replace(`${c.dir}/`, 'TMP/'))]) };
 }
 
 function uriOf(n: ClusterNode, volume: string): string {
   return `nbd://${LOOPBACK}:${n.nbd}/${volume}`;
-}
-
-function flushFiles(files: readonly string[]): void {
-  for (const f of files) {
-    if (!fs.existsSync(f)) continue;
-    const fd = fs.openSync(f, 'r+');
-    try {
-      fs.fdatasyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
 }
 
 interface DirectionStats {
@@ -753,13 +461,7 @@ interface FioPart {
 }
 
 function parseFioJson(stdout: string): FioJob {
-  const at = stdout.search(/^\{/m);
-  if (at < 0) throw new Error(`no JSON in fio output: ${stdout.slice(0, 500)}`);
-  const doc = JSON.parse(stdout.slice(at)) as { jobs?: FioJob[] };
-  const job = doc.jobs?.[0];
-  if (!job) throw new Error('fio JSON has no jobs');
-  if (job.error !== 0) throw new Error(`fio job error ${job.error}`);
-  return job;
+  return fioFirstJob<FioJob>(stdout, 500).job;
 }
 
 interface FioRun {
@@ -798,7 +500,7 @@ async function runFio(job: JobSpec, volume: string, r: FioRun, opts: Options, ti
   const command = shellLine('timeout', ['-s', 'KILL', bound, 'fio', ...args]);
   if (res.code !== 0) throw new Error(`fio (node ${r.node.id}) exited with ${res.code}: ${res.stderr.trim().slice(-1000) || res.stdout.trim().slice(0, 300)}`);
   const j = parseFioJson(res.stdout);
-  const p99 = Math.max(j.read.clat_ns.percentile?.['99.000000'] ?? 0, j.write.clat_ns.percentile?.['99.000000'] ?? 0);
+  const p99 = p99Ns(j);
   return {
     node: r.node.id, numjobs: r.numjobs, offset: r.offset, size: r.size,
     iops: j.read.iops + j.write.iops,
@@ -986,7 +688,10 @@ async function fpPart(opts: Options, dir: string): Promise<FpPart> {
     if (!fs.existsSync(path.join(REPO_ROOT, 'dist/src/cli/main.js'))) {
       throw new Error('dist/src/cli/main.js is missing: build first (npx tsc -p tsconfig.json)');
     }
-    const c = await writeClusterConfig(dir);
+    const c = await writeClusterConfig(dir, {
+      writtenBy: 'scripts/bench/cluster-bench.ts', name: 'cluster-bench', label: '', nodeCount: CLUSTER_NODES,
+      secret: SECRET, heartbeatMs: HEARTBEAT_MS, peerTimeoutMs: PEER_TIMEOUT_MS,
+    });
     cluster = c;
     const t0 = performance.now();
     await Promise.all(c.nodes.map((n) => spawnNode(c, n)));
@@ -1037,50 +742,7 @@ async function fpPart(opts: Options, dir: string): Promise<FpPart> {
   return part;
 }
 
-async function waitJoined(c: Cluster): Promise<void> {
-  const deadline = Date.now() + READY_TIMEOUT_MS;
-  for (const n of c.nodes) {
-    for (;;) {
-      checkInterrupted();
-      const how = n.exited();
-      if (how !== undefined) throw new Error(`node ${n.id} ${how}`);
-      const s = await n.client.status().catch(() => null);
-      const joined = s?.nodes.filter((x) => x.id !== n.id && x.state === 'joined').length ?? 0;
-      if (joined === CLUSTER_NODES - 1 && s?.cluster?.quorum === true) break;
-      if (Date.now() > deadline) throw new Error(`node ${n.id} does not see its peers joined: ${JSON.stringify(s?.nodes.map((x) => [x.id, x.state]))}`);
-      await sleep(100);
-    }
-  }
-}
-
 // ---------------------------------------------------------------- reporting
-
-interface Environment {
-  date: string;
-  nproc: number;
-  cpuModel: string;
-  memGiB: number;
-  kernel: string;
-  node: string;
-  fio: string;
-  loadBefore: [number, number, number];
-  loadAfter?: [number, number, number];
-}
-
-async function describeEnvironment(): Promise<Environment> {
-  const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
-  const fio = await run('fio', ['--version']);
-  return {
-    date: new Date().toISOString(),
-    nproc: os.availableParallelism(),
-    cpuModel: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1]?.trim() ?? os.cpus()[0]?.model ?? 'unknown',
-    memGiB: Math.round(os.totalmem() / GiB),
-    kernel: `${os.type()} ${os.release()}`,
-    node: process.version,
-    fio: fio.code === 0 ? fio.stdout.trim() : 'not available',
-    loadBefore: loadAvg(),
-  };
-}
 
 function lockTable(p: LockPart): { headers: string[]; rows: string[][]; align: Align[] } {
   return {
@@ -1228,15 +890,7 @@ async function main(): Promise<number> {
     process.stderr.write(`${(err as Error).message}\n${USAGE}\n`);
     return 2;
   }
-  const onSignal = (sig: NodeJS.Signals): void => {
-    if (interruptedBy !== undefined) return;
-    interruptedBy = sig;
-    log(`${sig}: stopping what was started`);
-    // fio runs under `timeout`, which passes SIGTERM on to fio: the cell ends at once.
-    for (const [pid, c] of children) if (c.what.startsWith('timeout')) signal(pid, 'SIGTERM');
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  handleSignals();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dve-cluster-bench-'));
   const env = await describeEnvironment();
   log(`${env.nproc} CPUs, load average ${fmtLoad(env.loadBefore)}; temporary directory ${dir}`);
@@ -1262,7 +916,7 @@ async function main(): Promise<number> {
     process.stdout.write(`${text}\n`);
   }
   const failed = locks?.error !== undefined || fp?.error !== undefined || (fp?.cells.some((c) => c.error !== undefined) ?? false);
-  return interruptedBy !== undefined ? 130 : failed ? 1 : 0;
+  return interrupted() ? 130 : failed ? 1 : 0;
 }
 
 main().then((code) => process.exit(code), (err: Error) => {

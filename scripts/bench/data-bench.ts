@@ -43,51 +43,33 @@
  * Every process started here (nodes, fio, CLI calls) is stopped by pid, also on error
  * or SIGINT.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { AdminClient } from '../../src/admin/client.js';
 import type { NodeStatus, TaskInfo, VerifyReport, VolumeInfo } from '../../src/engine/admin-api.js';
+import {
+  checkInterrupted, describeEnvironment, DISK_BYTES, DISK_IDS, DISKS, EXTENT, fioFirstJob, flushFiles, fmt, fmtLoad, formatMarkdownTable,
+  formatTable, GiB, handleSignals, interrupted, loadAvg, log, LOOPBACK, METADATA, MiB, p99Ns, ratio, REPO_ROOT, runDve, setLogName,
+  shellLine, signal, spawnNode, start, stopAllChildren, stopCluster, waitJoined, waitVolumeEverywhere, writeClusterConfig,
+  type Align, type Cluster, type ClusterNode, type Environment, type RunResult,
+} from './lib.js';
 
 // ---------------------------------------------------------------- configuration
 
-const LOOPBACK = '127.0.0.1';
-const MiB = 1024 * 1024;
-const GiB = 1024 * MiB;
+setLogName('data-bench');
+
 const SECRET = `data-bench-secret-${process.pid}-${Date.now()}`;
 const HEARTBEAT_MS = 200;
 const PEER_TIMEOUT_MS = 1500;
-const DISKS = 4;
-const DISK_IDS = Array.from({ length: DISKS }, (_, i) => `d${i + 1}`);
-const DISK_BYTES = 2 * GiB;
-const METADATA = '16M';
-const EXTENT = '4M';
 const EXTENT_BYTES = 4 * MiB;
 const VOLUME_BYTES = GiB;
-const READY_TIMEOUT_MS = 60_000;
-const STOP_GRACE_MS = 10_000;
 const TASK_TIMEOUT_MS = 180_000;
 const POLL_MS = 500;
 const RECON_FIO_SECONDS = 3;
 const RECON_QD = 16;
 const IOPS_LOG_MS = 250;
-
-const REPO_ROOT = findRepoRoot(path.dirname(fileURLToPath(import.meta.url)));
-
-function findRepoRoot(start: string): string {
-  let dir = start;
-  while (!fs.existsSync(path.join(dir, 'package.json'))) {
-    const up = path.dirname(dir);
-    if (up === dir) throw new Error(`no package.json above ${start}`);
-    dir = up;
-  }
-  return dir;
-}
 
 type PartKey = 'cow' | 'snap' | 'migrate' | 'recon';
 const PARTS: readonly PartKey[] = ['cow', 'snap', 'migrate', 'recon'];
@@ -173,144 +155,10 @@ function parseOptions(argv: string[]): Options {
 
 // ---------------------------------------------------------------- small helpers
 
-/** Progress goes to stderr; stdout carries the report (or the JSON with --json). */
-function log(line: string): void {
-  process.stderr.write(`data-bench: ${line}\n`);
-}
-
-interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Every child this script started and has not yet seen exit. */
-const children = new Map<number, { what: string; child: ChildProcess }>();
-let interruptedBy: NodeJS.Signals | undefined;
-
-function checkInterrupted(): void {
-  if (interruptedBy !== undefined) throw new Error(`interrupted by ${interruptedBy}`);
-}
-
-function track(child: ChildProcess, what: string): void {
-  const pid = child.pid;
-  if (pid === undefined) return;
-  children.set(pid, { what, child });
-  child.once('exit', () => children.delete(pid));
-}
-
-/** Starts a command; `done` resolves when it has exited (callers bound it with `timeout -s KILL`). */
-function start(command: string, args: readonly string[]): { pid: number | undefined; done: Promise<RunResult> } {
-  const child = spawn(command, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  track(child, `${command} ${args.slice(0, 4).join(' ')}`);
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const done = new Promise<RunResult>((resolve) => {
-    child.on('error', (err) => resolve({ code: null, stdout, stderr: stderr + err.message }));
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-  return { pid: child.pid, done };
-}
-
-function run(command: string, args: readonly string[]): Promise<RunResult> {
-  return start(command, args).done;
-}
-
-function alive(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
-function signal(pid: number, sig: NodeJS.Signals): void {
-  try {
-    process.kill(pid, sig);
-  } catch {
-    // already gone
-  }
-}
-
-/** SIGTERM (graceful), then SIGKILL after the grace; says how it ended. */
-async function stopPid(pid: number, graceMs = STOP_GRACE_MS): Promise<string> {
-  if (!alive(pid)) return 'already exited';
-  signal(pid, 'SIGTERM');
-  const deadline = Date.now() + graceMs;
-  while (Date.now() < deadline) {
-    if (!alive(pid)) return 'stopped (SIGTERM)';
-    await sleep(25);
-  }
-  signal(pid, 'SIGKILL');
-  for (let i = 0; i < 200 && alive(pid); i++) await sleep(25);
-  return alive(pid) ? 'still alive after SIGKILL' : 'killed (SIGKILL after the grace)';
-}
-
-async function stopAllChildren(): Promise<void> {
-  await Promise.all([...children.keys()].map((pid) => stopPid(pid, 3000)));
-}
-
-/** `count` distinct ports that were free on loopback a moment ago (held together, so distinct). */
-async function freePorts(count: number): Promise<number[]> {
-  const servers: net.Server[] = [];
-  try {
-    for (let i = 0; i < count; i++) {
-      const s = net.createServer();
-      await new Promise<void>((resolve, reject) => {
-        s.once('error', reject);
-        s.listen(0, LOOPBACK, () => resolve());
-      });
-      servers.push(s);
-    }
-    return servers.map((s) => (s.address() as net.AddressInfo).port);
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  }
-}
-
-function shellLine(command: string, args: readonly string[]): string {
-  return [command, ...args].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
-}
-
-type Align = 'l' | 'r';
 interface Table { headers: string[]; rows: string[][]; align: Align[] }
-
-function formatTable(headers: readonly string[], rows: readonly string[][], align: readonly Align[]): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]): string =>
-    cells.map((c, i) => (align[i] === 'r' ? c.padStart(widths[i] ?? 0) : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd();
-  return [line(headers), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n');
-}
-
-function formatMarkdownTable(headers: readonly string[], rows: readonly string[][], align: readonly Align[]): string {
-  const sep = align.map((a) => (a === 'r' ? '---:' : ':---'));
-  return [headers, sep, ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
-}
-
-function fmt(n: number | undefined, digits: number): string {
-  if (n === undefined || !Number.isFinite(n)) return 'n/a';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
-}
-
-function ratio(a: number | undefined, b: number | undefined): string {
-  return a === undefined || b === undefined || !Number.isFinite(a) || !Number.isFinite(b) || b === 0 ? 'n/a' : `${fmt(a / b, 2)}x`;
-}
 
 function mib(bytes: number | undefined): string {
   return bytes === undefined || !Number.isFinite(bytes) ? 'n/a' : `${fmt(bytes / MiB, 0)} MiB`;
-}
-
-function loadAvg(): [number, number, number] {
-  const [a = 0, b = 0, c = 0] = os.loadavg();
-  return [a, b, c];
-}
-
-function fmtLoad(l: readonly number[]): string {
-  return l.map((x) => x.toFixed(2)).join(' ');
 }
 
 function errText(err: unknown): string {
@@ -319,151 +167,11 @@ function errText(err: unknown): string {
 
 // ---------------------------------------------------------------- cluster processes
 
-interface ClusterNode {
-  id: number;
-  nbd: number;
-  admin: number;
-  mesh: number;
-  pid: number;
-  client: AdminClient;
-  commandLine: string;
-  /** Lines the node logged at warn and above (the first 200, over every start). */
-  logLines: string[];
-  logFile: string;
-  exited(): string | undefined;
-  /** performance.now() when the current process exited. */
-  exitedAt?: number;
-  starts: number;
-  stopNote?: string;
-}
-
-interface Cluster {
-  label: string;
-  dir: string;
-  stateDir: string;
-  configFile: string;
-  diskFiles: string[];
-  nodes: ClusterNode[];
-}
-
-/** A pino JSON line as "LEVEL msg {fields}"; anything else as it is. */
-function nodeLogLine(line: string): string {
-  try {
-    const o = JSON.parse(line) as Record<string, unknown>;
-    const { level, time: _time, msg, pid: _pid, hostname: _host, ...rest } = o;
-    const name = ({ 40: 'WARN', 50: 'ERROR', 60: 'FATAL' } as Record<string, string>)[String(level)] ?? `level ${String(level)}`;
-    return `${name} ${String(msg)} ${JSON.stringify(rest)}`.slice(0, 500);
-  } catch {
-    return line.slice(0, 500);
-  }
-}
-
-async function writeClusterConfig(dir: string, label: string, nodeCount: number): Promise<Cluster> {
-  const stateDir = path.join(dir, 'state');
-  fs.mkdirSync(path.join(dir, 'disks'), { recursive: true });
-  fs.mkdirSync(stateDir, { recursive: true });
-  const ports = await freePorts(3 * nodeCount);
-  const diskFiles = DISK_IDS.map((id) => path.join(dir, 'disks', `${id}.img`));
-  const configFile = path.join(dir, 'dve.yaml');
-  const specs = Array.from({ length: nodeCount }, (_, i) => ({ id: i + 1, nbd: ports[3 * i]!, admin: ports[3 * i + 1]!, mesh: ports[3 * i + 2]! }));
-  fs.writeFileSync(configFile, [
-    `# written by scripts/bench/data-bench.ts: ${nodeCount} node(s) on loopback, fixed free ports, shared sparse disk files`,
-    `cluster: { name: data-bench-${label}, secret: ${JSON.stringify(SECRET)}, heartbeat: ${HEARTBEAT_MS}, peerTimeout: ${PEER_TIMEOUT_MS} }`,
-    'nodes:',
-    ...specs.map((n) => `  - { id: ${n.id}, nbd: "${LOOPBACK}:${n.nbd}", admin: "${LOOPBACK}:${n.admin}", mesh: "${LOOPBACK}:${n.mesh}" }`),
-    'disks:',
-    ...diskFiles.map((f, i) => `  - { id: ${DISK_IDS[i]}, path: ${JSON.stringify(f)}, size: ${DISK_BYTES / MiB}M }`),
-    'metadata:',
-    `  path: ${JSON.stringify(path.join(dir, 'meta.img'))}`,
-    `  size: ${METADATA}`,
-    `extentSize: ${EXTENT}`,
-    '',
-  ].join('\n'));
-  return {
-    label, dir, stateDir, configFile, diskFiles,
-    nodes: specs.map((s) => ({
-      ...s, pid: 0, client: new AdminClient({ host: LOOPBACK, port: s.admin }, { timeoutMs: 15_000 }), commandLine: '',
-      logLines: [], logFile: path.join(dir, `node-${s.id}.log`), exited: () => undefined, starts: 0,
-    })),
-  };
-}
-
-/** Starts one node in the foreground as our child (its log to DIR/node-N.log), returns once its node file names it. */
-function spawnNode(c: Cluster, n: ClusterNode): Promise<void> {
-  const args = [path.join(REPO_ROOT, 'bin/dve.js'), 'node', 'start', '--id', String(n.id), '--config', c.configFile, '--state-dir', c.stateDir, '--log-level', 'warn'];
-  n.commandLine = shellLine('node', args.map((a) => a.replace(`${REPO_ROOT}/`, '').replace(`${c.dir}/`, 'TMP/')));
-  const out = fs.openSync(n.logFile, 'a');
-  const child = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  track(child, `node ${n.id}`);
-  n.starts++;
-  const startNo = n.starts;
-  let ended: string | undefined;
-  n.exitedAt = undefined;
-  child.on('error', (err) => (ended ??= err.message));
-  child.on('exit', (code, sig) => {
-    ended ??= sig ? `killed by ${sig}` : `exited with code ${code}`;
-    if (n.starts === startNo) n.exitedAt = performance.now();
+function writeConfig(dir: string, label: string, nodeCount: number): Promise<Cluster> {
+  return writeClusterConfig(dir, {
+    writtenBy: 'scripts/bench/data-bench.ts', name: `data-bench-${label}`, label, nodeCount,
+    secret: SECRET, heartbeatMs: HEARTBEAT_MS, peerTimeoutMs: PEER_TIMEOUT_MS,
   });
-  const partial = { out: '', err: '' };
-  const onData = (stream: 'out' | 'err') => (d: Buffer): void => {
-    fs.writeSync(out, d);
-    const lines = (partial[stream] + d.toString()).split('\n');
-    partial[stream] = lines.pop() ?? '';
-    for (const raw of lines) {
-      const text = raw.trim();
-      if (text === '' || (stream === 'out' && !text.startsWith('{'))) continue;
-      const line = `${startNo > 1 ? `(start ${startNo}) ` : ''}${nodeLogLine(text)}`;
-      if (n.logLines.length < 200) n.logLines.push(line);
-      if (n.logLines.length <= 20) log(`${c.label} node ${n.id} says: ${line}`);
-    }
-  };
-  child.stdout.on('data', onData('out'));
-  child.stderr.on('data', onData('err'));
-  child.on('close', () => fs.closeSync(out));
-  if (child.pid === undefined) throw new Error(`could not start node ${n.id}`);
-  n.pid = child.pid;
-  n.exited = () => ended;
-  const nodeFile = path.join(c.stateDir, `node-${n.id}.json`);
-  return (async () => {
-    const deadline = Date.now() + READY_TIMEOUT_MS;
-    for (;;) {
-      checkInterrupted();
-      if (ended !== undefined) throw new Error(`node ${n.id} ${ended} before writing ${nodeFile} (log: ${n.logFile})`);
-      if (Date.now() > deadline) throw new Error(`node ${n.id}: no ${nodeFile} after ${READY_TIMEOUT_MS / 1000}s (log: ${n.logFile})`);
-      try {
-        const info = JSON.parse(fs.readFileSync(nodeFile, 'utf8')) as { pid?: number };
-        if (info.pid === n.pid) return;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT' && !(err instanceof SyntaxError)) throw err;
-      }
-      await sleep(50);
-    }
-  })();
-}
-
-async function stopCluster(c: Cluster): Promise<void> {
-  await Promise.all(c.nodes.map(async (n) => {
-    if (n.pid <= 0) return;
-    const how = await stopPid(n.pid);
-    n.stopNote = n.exited() !== undefined && how === 'already exited' ? `had ${n.exited()} before the end` : how;
-  }));
-}
-
-/** Every node sees every other node joined, with quorum. */
-async function waitJoined(c: Cluster): Promise<void> {
-  const deadline = Date.now() + READY_TIMEOUT_MS;
-  for (const n of c.nodes) {
-    for (;;) {
-      checkInterrupted();
-      const how = n.exited();
-      if (how !== undefined) throw new Error(`node ${n.id} ${how}`);
-      const s = await n.client.status().catch(() => null);
-      const joined = s?.nodes.filter((x) => x.id !== n.id && x.state === 'joined').length ?? 0;
-      if (s && joined === c.nodes.length - 1 && (s.cluster === undefined || s.cluster.quorum)) break;
-      if (Date.now() > deadline) throw new Error(`node ${n.id} does not see its peers joined: ${JSON.stringify(s?.nodes.map((x) => [x.id, x.state]))}`);
-      await sleep(100);
-    }
-  }
 }
 
 /** Commands of the dve CLI this run used (TMP for the temporary directory). */
@@ -473,7 +181,7 @@ async function dveCli(c: Cluster, args: string[], timeoutSec = 120): Promise<Run
   const full = [...args, '--state-dir', c.stateDir];
   const line = shellLine('node', ['bin/dve.js', ...full.map((a) => a.replace(`${c.dir}/`, 'TMP/'))]);
   if (!cliCommands.includes(line)) cliCommands.push(line);
-  return run('timeout', ['-s', 'KILL', String(timeoutSec), process.execPath, path.join(REPO_ROOT, 'bin/dve.js'), ...full]);
+  return runDve(full, timeoutSec);
 }
 
 /** Runs a dve command with --json and parses its output; throws with the CLI's message. */
@@ -485,27 +193,8 @@ async function dveJson<T>(c: Cluster, args: string[], timeoutSec = 120): Promise
 
 async function createVolume(c: Cluster, name: string): Promise<VolumeInfo> {
   const info = await dveJson<VolumeInfo>(c, ['volume', 'create', name, '--size', `${VOLUME_BYTES / GiB}G`, '--layout', 'mirrored', '--node', '1']);
-  for (const n of c.nodes) {
-    const deadline = Date.now() + 20_000;
-    while (!(await n.client.showVolume(name).then(() => true, () => false))) {
-      checkInterrupted();
-      if (Date.now() > deadline) throw new Error(`node ${n.id} does not know volume ${name} 20 s after it was created`);
-      await sleep(100);
-    }
-  }
+  await waitVolumeEverywhere(c, name);
   return info;
-}
-
-function flushFiles(files: readonly string[]): void {
-  for (const f of files) {
-    if (!fs.existsSync(f)) continue;
-    const fd = fs.openSync(f, 'r+');
-    try {
-      fs.fdatasyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
 }
 
 /** Polls a task (on node `n`) every POLL_MS until it is no longer running. */
@@ -579,13 +268,8 @@ function fioArgs(s: FioSpec): string[] {
 }
 
 function parseFio(stdout: string, command: string): FioResult {
-  const at = stdout.search(/^\{/m);
-  if (at < 0) throw new Error(`no JSON in fio output: ${stdout.slice(0, 300)}`);
-  const doc = JSON.parse(stdout.slice(at)) as { timestamp_ms?: number; jobs?: { error: number; job_runtime?: number; read: DirectionStats; write: DirectionStats }[] };
-  const j = doc.jobs?.[0];
-  if (!j) throw new Error('fio JSON has no jobs');
-  if (j.error !== 0) throw new Error(`fio job error ${j.error}`);
-  const p99 = Math.max(j.read.clat_ns.percentile?.['99.000000'] ?? 0, j.write.clat_ns.percentile?.['99.000000'] ?? 0);
+  const { doc, job: j } = fioFirstJob<{ error: number; job_runtime?: number; read: DirectionStats; write: DirectionStats }>(stdout, 300);
+  const p99 = p99Ns(j);
   const main = j.write.total_ios >= j.read.total_ios ? j.write : j.read;
   return {
     iops: j.read.iops + j.write.iops,
@@ -723,7 +407,7 @@ const ORIGIN = 'o';
 
 async function onePart(opts: Options, dir: string): Promise<OnePart> {
   const part: OnePart = { cells: [], completes: [], migrations: [], nodeLogs: [], errors: [] };
-  const c = await writeClusterConfig(path.join(dir, 'one'), 'one-node', 1);
+  const c = await writeConfig(path.join(dir, 'one'), 'one-node', 1);
   const n1 = c.nodes[0]!;
   const uri = (v: string): string => `nbd://${LOOPBACK}:${n1.nbd}/${v}`;
   const shared = async (v: string): Promise<number | undefined> => (await n1.client.showVolume(v).catch(() => undefined))?.sharedBytes;
@@ -937,7 +621,7 @@ const RECON_VOLUME = 'r';
 
 async function reconPart(opts: Options, dir: string): Promise<ReconPart> {
   const part: ReconPart = { rounds: [], nodeCommands: [], nodeLogs: {}, nodeStops: {}, errors: [] };
-  const c = await writeClusterConfig(path.join(dir, 'recon'), 'recon', 3);
+  const c = await writeConfig(path.join(dir, 'recon'), 'recon', 3);
   const [n1, n2] = c.nodes as [ClusterNode, ClusterNode, ClusterNode];
   const recovery = async (): Promise<{ reconciledExtents: number; reconciledBytes: number; evictions: number }> => {
     const s: NodeStatus = await n1.client.status();
@@ -1018,34 +702,6 @@ async function reconPart(opts: Options, dir: string): Promise<ReconPart> {
 }
 
 // ---------------------------------------------------------------- reporting
-
-interface Environment {
-  date: string;
-  nproc: number;
-  cpuModel: string;
-  memGiB: number;
-  kernel: string;
-  node: string;
-  fio: string;
-  loadBefore: [number, number, number];
-  loadAfter?: [number, number, number];
-  seconds?: number;
-}
-
-async function describeEnvironment(): Promise<Environment> {
-  const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
-  const fio = await run('fio', ['--version']);
-  return {
-    date: new Date().toISOString(),
-    nproc: os.availableParallelism(),
-    cpuModel: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1]?.trim() ?? os.cpus()[0]?.model ?? 'unknown',
-    memGiB: Math.round(os.totalmem() / GiB),
-    kernel: `${os.type()} ${os.release()}`,
-    node: process.version,
-    fio: fio.code === 0 ? fio.stdout.trim() : 'not available',
-    loadBefore: loadAvg(),
-  };
-}
 
 function cellOf(one: OnePart | undefined, key: string): Cell | undefined {
   return one?.cells.find((c) => c.key === key);
@@ -1256,14 +912,7 @@ async function main(): Promise<number> {
     process.stderr.write(`${(err as Error).message}\n${USAGE}\n`);
     return 2;
   }
-  const onSignal = (sig: NodeJS.Signals): void => {
-    if (interruptedBy !== undefined) return;
-    interruptedBy = sig;
-    log(`${sig}: stopping what was started`);
-    for (const [pid, c] of children) if (c.what.startsWith('timeout')) signal(pid, 'SIGTERM');
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  handleSignals();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dve-data-bench-'));
   const env = await describeEnvironment();
   const t0 = performance.now();
@@ -1292,7 +941,7 @@ async function main(): Promise<number> {
   }
   const failed = (one?.errors.length ?? 0) > 0 || (one?.cells.some((c) => c.error !== undefined) ?? false) || (one?.migrations.some((m) => m.error !== undefined) ?? false) ||
     (recon?.errors.length ?? 0) > 0 || (recon?.rounds.some((r) => r.error !== undefined || r.verify?.ok === false) ?? false);
-  return interruptedBy !== undefined ? 130 : failed ? 1 : 0;
+  return interrupted() ? 130 : failed ? 1 : 0;
 }
 
 main().then((code) => process.exit(code), (err: Error) => {

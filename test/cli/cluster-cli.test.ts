@@ -20,6 +20,7 @@ import { exitStatus, run, sleep, tempDir, describeResult, type RunResult } from 
 import { CleanupStack } from '../helpers/cleanup.js';
 import { REPO_ROOT } from '../helpers/server.js';
 import { nbdinfoJson } from '../helpers/clients.js';
+import { freePorts } from '../helpers/ports.js';
 import { processAlive } from '../../src/util/process.js';
 
 const DVE = path.join(REPO_ROOT, 'bin/dve.js');
@@ -96,24 +97,6 @@ function readPidFile(file: string): number | null {
 }
 
 // ---------------------------------------------------------------- configuration
-
-/** `count` distinct ports that were free on 127.0.0.1 a moment ago. */
-async function freePorts(count: number): Promise<number[]> {
-  const servers: net.Server[] = [];
-  try {
-    for (let i = 0; i < count; i++) {
-      const s = net.createServer();
-      await new Promise<void>((resolve, reject) => {
-        s.once('error', reject);
-        s.listen(0, '127.0.0.1', () => resolve());
-      });
-      servers.push(s);
-    }
-    return servers.map((s) => (s.address() as net.AddressInfo).port);
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  }
-}
 
 interface Cluster {
   config: string;
@@ -386,14 +369,20 @@ test.serial('foreground up supervises: a second up is refused, a killed node is 
   t.deepEqual(pidsIn(c.stateDir), [], 'no pid file is left');
 });
 
-test.serial('foreground up forwards Ctrl-C (SIGINT) to every node and exits 0 once they stopped', async (t) => {
+/** Starts a 2-node foreground `dve up`, waits until it supervises both nodes, then sends the supervisor `sig`. */
+async function signalForegroundUp(t: ExecutionContext, sig: NodeJS.Signals) {
   const c = await writeClusterConfig(tempDir(t));
   const cleanup = guard(t, c.stateDir);
   const sup = startSupervisor(cleanup, c.stateDir, ['--config', c.config, '--state-dir', c.stateDir]);
   await sup.waitFor(/supervising 2 nodes/);
   const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
   const nodes = [1, 2].map((id) => readPidFile(path.join(c.stateDir, `node-${id}.pid`))!);
-  process.kill(supPid, 'SIGINT');
+  process.kill(supPid, sig);
+  return { c, sup, nodes };
+}
+
+test.serial('foreground up forwards Ctrl-C (SIGINT) to every node and exits 0 once they stopped', async (t) => {
+  const { c, sup, nodes } = await signalForegroundUp(t, 'SIGINT');
   t.is(await sup.exited, 0, sup.stdout() + sup.stderr());
   for (const pid of nodes) t.true(await waitGone(pid), `node pid ${pid} is gone`);
   for (const id of [1, 2]) {
@@ -403,13 +392,7 @@ test.serial('foreground up forwards Ctrl-C (SIGINT) to every node and exits 0 on
 });
 
 test.serial('foreground up killed with SIGKILL: its nodes notice and stop', async (t) => {
-  const c = await writeClusterConfig(tempDir(t));
-  const cleanup = guard(t, c.stateDir);
-  const sup = startSupervisor(cleanup, c.stateDir, ['--config', c.config, '--state-dir', c.stateDir]);
-  await sup.waitFor(/supervising 2 nodes/);
-  const supPid = readPidFile(path.join(c.stateDir, 'dve.pid'))!;
-  const nodes = [1, 2].map((id) => readPidFile(path.join(c.stateDir, `node-${id}.pid`))!);
-  process.kill(supPid, 'SIGKILL');
+  const { c, sup, nodes } = await signalForegroundUp(t, 'SIGKILL');
   await sup.exited;
   for (const pid of nodes) t.true(await waitGone(pid, 30_000), `node pid ${pid} is gone`);
   t.deepEqual(pidsIn(c.stateDir).filter(processAlive), [], 'nothing is left running');

@@ -15,12 +15,12 @@
 // that exits early kills whatever is left from a process 'exit' handler.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { AdminClient } from '../../src/admin/client.js';
 import type { NodeInfo, NodeStatus } from '../../src/engine/admin-api.js';
 import { exitStatus, formatCmd, run, sleep, type RunResult } from './exec.js';
+import { freePorts } from './ports.js';
 import { HOST, REPO_ROOT } from './server.js';
 
 export const DVE_BIN = path.join(REPO_ROOT, 'bin/dve.js');
@@ -63,23 +63,7 @@ function parentPid(pid: number): number | null {
 
 // ---------------------------------------------------------------- ports and configuration
 
-/** `count` distinct TCP ports that were free on 127.0.0.1 a moment ago (bound together, then closed). */
-export async function freePorts(count: number): Promise<number[]> {
-  const servers: net.Server[] = [];
-  try {
-    for (let i = 0; i < count; i++) {
-      const s = net.createServer();
-      await new Promise<void>((resolve, reject) => {
-        s.once('error', reject);
-        s.listen(0, HOST, () => resolve());
-      });
-      servers.push(s);
-    }
-    return servers.map((s) => (s.address() as net.AddressInfo).port);
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  }
-}
+export { freePorts };
 
 export interface NodePorts {
   id: number;

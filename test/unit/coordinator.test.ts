@@ -14,6 +14,7 @@ import { Coordinator, T_MEMBERSHIP, T_MEMBERSHIP_VIEW, T_OPLOCK, type Coordinato
 import type { Eviction } from '../../cluster/membership.js';
 import { Mesh, MeshError, type NodeId } from '../../cluster/mesh.js';
 import type { LockId } from '../../cluster/oplock.js';
+import { startMeshes } from '../helpers/mesh.js';
 
 const HOST = '127.0.0.1';
 const SECRET = 'coordinator-test-secret';
@@ -112,19 +113,17 @@ async function startCluster(t: ExecutionContext, opts: { onWanted?: (id: NodeId,
   const journals = new MemoryJournals();
   const timeline: Timeline = [];
   const nodes = new Map<NodeId, Node>();
-  const meshes = new Map<NodeId, Mesh>();
-  for (const id of [...IDS].sort((a, b) => b - a)) {
+  const meshes = await startMeshes(IDS, async (id, peers) => {
     const mesh = new Mesh({
       nodeId: id, secret: SECRET, listen: { host: HOST, port: 0 }, log: silent,
       heartbeatMs: 100, peerTimeoutMs: PEER_TIMEOUT_MS, reconnectMaxMs: 300,
-      peers: IDS.filter((p) => p !== id).map((p) => ({ id: p, endpoint: { host: HOST, port: meshes.get(p)?.port ?? 0 } })),
+      peers: peers.map((p) => ({ id: p.id, endpoint: { host: HOST, port: p.port } })),
     });
     await mesh.start();
-    meshes.set(id, mesh);
-  }
-  await waitFor(() => IDS.every((a) => IDS.every((b) => a === b || meshes.get(a)!.isUp(b))), 5000, 'meshes up');
+    return { mesh };
+  }, { timeoutMs: 5000, what: 'meshes up' });
   for (const id of IDS) {
-    const mesh = meshes.get(id)!;
+    const { mesh } = meshes.get(id)!;
     const c = new Coordinator({
       nodeId: id, peers: IDS, mesh, journals, log: silent, tickMs: TICK_MS, ackTimeoutMs: ACK_TIMEOUT_MS, bootGraceMs: 2000, journalWaitMs: 2000,
     });

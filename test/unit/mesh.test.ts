@@ -18,6 +18,7 @@ import {
 } from '../../cluster/mesh-auth.js';
 import { Mesh, MeshError, reconnectDelayMs, type MeshOptions, type NodeId } from '../../cluster/mesh.js';
 import { FrameParser, encodeFrame, type Frame } from '../../cluster/wire.js';
+import { startMeshes, type MeshPeer } from '../helpers/mesh.js';
 
 const HOST = '127.0.0.1';
 const SECRET = 'test-cluster-secret';
@@ -130,7 +131,7 @@ interface Node {
 type Tuning = Partial<Omit<MeshOptions, 'nodeId' | 'listen' | 'peers' | 'log' | 'secret'>> & { secret?: string };
 
 async function startNode(
-  t: ExecutionContext, id: NodeId, peers: { id: NodeId; port: number }[], tuning: Tuning = {}, port = 0,
+  t: ExecutionContext, id: NodeId, peers: MeshPeer[], tuning: Tuning = {}, port = 0,
 ): Promise<Node> {
   const { log, lines } = memoryLogger();
   const mesh = new Mesh({
@@ -148,13 +149,7 @@ async function startNode(
 
 /** Starts ids (any order given) highest first, each knowing the ports of the higher ones. */
 async function cluster(t: ExecutionContext, ids: NodeId[], tuning: Tuning = {}, extraPeers: NodeId[] = []): Promise<Map<NodeId, Node>> {
-  const nodes = new Map<NodeId, Node>();
-  for (const id of [...ids].sort((a, b) => b - a)) {
-    const peers = [...ids, ...extraPeers].filter((p) => p !== id).map((p) => ({ id: p, port: nodes.get(p)?.mesh.port ?? 0 }));
-    nodes.set(id, await startNode(t, id, peers, tuning));
-  }
-  await waitFor(() => ids.every((a) => ids.every((b) => a === b || nodes.get(a)!.mesh.isUp(b))), 3000, 'all peers up');
-  return nodes;
+  return startMeshes(ids, (id, peers) => startNode(t, id, peers, tuning), { extraPeers });
 }
 
 function sleep(ms: number): Promise<void> {

@@ -13,6 +13,7 @@ import { IoPauseCoordinator, IoPauseError, type PauseHooks } from '../../cluster
 import { Mesh, MeshError, type NodeId } from '../../cluster/mesh.js';
 import { SyncDriver, type SyncTransport } from '../../cluster/sync-driver.js';
 import { consistencyPointSync, maskOf, pauseIoSync } from '../../cluster/sync-point.js';
+import { startMeshes } from '../helpers/mesh.js';
 
 const HOST = '127.0.0.1';
 const SECRET = 'sync-driver-test-secret';
@@ -76,14 +77,13 @@ interface Node {
 const IDS: NodeId[] = [1, 2, 3];
 
 async function cluster(t: ExecutionContext): Promise<Map<NodeId, Node>> {
-  const nodes = new Map<NodeId, Node>();
-  for (const id of [...IDS].sort((a, b) => b - a)) {
+  return startMeshes(IDS, async (id, peers): Promise<Node> => {
     const { log, lines } = memoryLogger();
     const others = IDS.filter((p) => p !== id);
     const mesh = new Mesh({
       heartbeatMs: 50, peerTimeoutMs: 1500, reconnectMaxMs: 400,
       nodeId: id, secret: SECRET, listen: { host: HOST, port: 0 }, log,
-      peers: others.map((p) => ({ id: p, endpoint: { host: HOST, port: nodes.get(p)?.mesh.port ?? 0 } })),
+      peers: peers.map((p) => ({ id: p.id, endpoint: { host: HOST, port: p.port } })),
     });
     const transport: SyncTransport = mesh; // a Mesh satisfies the transport structurally
     const driver = new SyncDriver({ transport, peers: () => others.filter((p) => mesh.isUp(p)), tickMs: TICK_MS, log });
@@ -98,10 +98,8 @@ async function cluster(t: ExecutionContext): Promise<Map<NodeId, Node>> {
       await mesh.stop();
     });
     await mesh.start();
-    nodes.set(id, { id, mesh, driver, io, hooks, lines });
-  }
-  await waitFor(() => IDS.every((a) => IDS.every((b) => a === b || nodes.get(a)!.mesh.isUp(b))), 3000, 'all peers up');
-  return nodes;
+    return { id, mesh, driver, io, hooks, lines };
+  });
 }
 
 function sleep(ms: number): Promise<void> {
