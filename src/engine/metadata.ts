@@ -3,6 +3,9 @@
  *
  *   chunk 0            root: format version, allocation extent size, the disk table,
  *                      the volume table (name → header chunk), the mirror generation
+ *   chunks 1..64       one journal per node id 0..63: boot count, the non-volatile
+ *                      oplocks the node holds or inherited (mirror extents it may be
+ *                      writing, task sets it runs), and who holds it while cleaning up
  *   header chunk       one per volume: layout, VSEG boundaries, redirect tables,
  *                      stale mirror sides, the age list, and its rmap chunk ids
  *   rmap chunks        the volume's rmap extents cut at fixed RMAP_CHUNK_SPAN_BYTES
