@@ -289,7 +289,8 @@ function plural(n: number, word: string): string {
 /** The volumes and how to attach them, from the admin endpoint of one node. */
 async function printVolumes(o: UpOptions, node: NodeFileInfo): Promise<void> {
   try {
-    const vols = await new AdminClient(node.admin, { timeoutMs: 10_000 }).listVolumes();
+    // The cluster's status lists every node's URI of each volume (listVolumes only this node's).
+    const vols = (await new AdminClient(node.admin, { timeoutMs: 10_000 }).status()).volumes;
     const exported = vols.filter((v) => v.uris.length > 0);
     if (exported.length === 0) {
       process.stdout.write(`dve up: no volumes yet (create one with: dve volume create NAME --size 1G --layout mirrored --state-dir ${o.stateDir})\n`);
