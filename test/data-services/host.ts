@@ -11,6 +11,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, statSync } from 'node
 import path from 'node:path';
 import { describeResult, exitStatus, mountsUnder, mustRun, run, sleep, type RunResult } from '../helpers/exec.js';
 import type { CleanupStack } from '../helpers/cleanup.js';
+import { startNbdfuse, type FuseFile } from '../helpers/engine-node.js';
 
 // ---------------------------------------------------------------- last-resort undo
 
@@ -118,80 +119,11 @@ export async function readU64s(uris: string[], offset = 0): Promise<number[]> {
 
 // ---------------------------------------------------------------- nbdfuse (optionally read-only) + loop
 
-export interface FuseFile {
-  file: string;
-  unmount(): Promise<void>;
-  output(): string;
-}
+export type { FuseFile };
 
 /** `nbdfuse [-r] MOUNTDIR URI` (own process group, under timeout -s KILL), waiting for MOUNTDIR/nbd of `expectedSize` bytes. */
-export async function startFuse(cleanup: CleanupStack, uri: string, fuseDir: string, expectedSize: number, o: { readOnly?: boolean; lifetimeSec?: number } = {}): Promise<FuseFile> {
-  mkdirSync(fuseDir, { recursive: true });
-  const pidFile = path.join(path.dirname(fuseDir), `${path.basename(fuseDir)}.pid`);
-  const args = ['-s', 'KILL', String(o.lifetimeSec ?? 300), 'nbdfuse', ...(o.readOnly ? ['-r'] : []), '-P', pidFile, fuseDir, uri];
-  const child = spawn('timeout', args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
-  let output = '';
-  child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
-  child.stderr!.on('data', (c: Buffer) => (output += c.toString()));
-  let status: number | null = null;
-  const exited = new Promise<number>((resolve) => {
-    child.on('exit', (code, signal) => resolve((status = exitStatus(code, signal))));
-    child.on('error', (e) => {
-      output += `[spawn error] ${e.message}`;
-      resolve((status = 127));
-    });
-  });
-  const file = path.join(fuseDir, 'nbd');
-  const offExit = onExit(() => {
-    syncRun('umount', ['-l', fuseDir]);
-    killGroup(child.pid);
-  });
-  const dismiss = cleanup.push(`nbdfuse ${fuseDir}`, async () => {
-    if (isMounted(fuseDir)) {
-      const u = await run('fusermount3', ['-u', fuseDir], { timeoutSec: 20 });
-      if (u.code !== 0 || isMounted(fuseDir)) await run('umount', ['-l', fuseDir], { timeoutSec: 20 });
-    }
-    if (status === null) {
-      await Promise.race([exited, sleep(5000)]);
-      if (status === null) killGroup(child.pid);
-      await exited;
-    }
-    offExit();
-  });
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    if (status !== null) throw new Error(`nbdfuse ${uri} exited with status ${status} before it was ready:\n${output}`);
-    if (existsSync(pidFile) && isMounted(fuseDir)) {
-      try {
-        const size = statSync(file).size;
-        if (size === expectedSize) break;
-        if (Date.now() > deadline) throw new Error(`nbdfuse exposes ${file} with ${size} bytes, expected ${expectedSize}`);
-      } catch (e) {
-        if ((e as Error).message.startsWith('nbdfuse exposes')) throw e;
-      }
-    }
-    if (Date.now() > deadline) throw new Error(`nbdfuse did not expose ${file} (${expectedSize} bytes) within 20 s:\n${output}`);
-    await sleep(50);
-  }
-  return {
-    file,
-    output: () => output,
-    async unmount() {
-      let last = '';
-      for (let i = 0; i < 20 && isMounted(fuseDir); i++) {
-        const u = await run('fusermount3', ['-u', fuseDir], { timeoutSec: 20 });
-        if (u.code === 0) break;
-        last = describeResult(u);
-        await sleep(250);
-      }
-      if (isMounted(fuseDir)) throw new Error(`fusermount3 -u ${fuseDir} kept failing:\n${last}`);
-      const code = await Promise.race([exited, sleep(10_000).then(() => -1)]);
-      if (code === -1) throw new Error(`nbdfuse did not exit within 10 s of being unmounted:\n${output}`);
-      dismiss();
-      offExit();
-      if (code !== 0) throw new Error(`nbdfuse exit status ${code} after unmount:\n${output}`);
-    },
-  };
+export function startFuse(cleanup: CleanupStack, uri: string, fuseDir: string, expectedSize: number, o: { readOnly?: boolean; lifetimeSec?: number } = {}): Promise<FuseFile> {
+  return startNbdfuse(cleanup, uri, fuseDir, expectedSize, { lifetimeSec: 300, ...o });
 }
 
 export interface BlockDevice {

@@ -435,13 +435,12 @@ export interface FuseFile {
  * `nbdfuse MOUNTDIR URI` (its own process group, under timeout -s KILL), waiting for
  * MOUNTDIR/nbd to appear with `expectedSize` bytes.
  */
-export async function startNbdfuse(cleanup: CleanupStack, uri: string, fuseDir: string, expectedSize: number, lifetimeSec = 170): Promise<FuseFile> {
+export async function startNbdfuse(cleanup: CleanupStack, uri: string, fuseDir: string, expectedSize: number, o: number | { readOnly?: boolean; lifetimeSec?: number } = {}): Promise<FuseFile> {
+  const opts = typeof o === 'number' ? { lifetimeSec: o } : o;
   mkdirSync(fuseDir, { recursive: true });
   const pidFile = path.join(path.dirname(fuseDir), `${path.basename(fuseDir)}.pid`);
-  const child = spawn('timeout', ['-s', 'KILL', String(lifetimeSec), 'nbdfuse', '-P', pidFile, fuseDir, uri], {
-    detached: true,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const args = ['-s', 'KILL', String(opts.lifetimeSec ?? 170), 'nbdfuse', ...(opts.readOnly ? ['-r'] : []), '-P', pidFile, fuseDir, uri];
+  const child = spawn('timeout', args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   child.stdout!.on('data', (c: Buffer) => (output += c.toString()));
   child.stderr!.on('data', (c: Buffer) => (output += c.toString()));
@@ -485,9 +484,11 @@ export async function startNbdfuse(cleanup: CleanupStack, uri: string, fuseDir: 
     if (status !== null) throw new Error(`nbdfuse exited with status ${status} before it was ready:\n${output}`);
     if (existsSync(pidFile) && isMounted(fuseDir)) {
       try {
-        if (statSync(file).size === expectedSize) break;
-      } catch {
-        /* not there yet */
+        const size = statSync(file).size;
+        if (size === expectedSize) break;
+        if (Date.now() > deadline) throw new Error(`nbdfuse exposes ${file} with ${size} bytes, expected ${expectedSize}`);
+      } catch (e) {
+        if ((e as Error).message.startsWith('nbdfuse exposes')) throw e;
       }
     }
     if (Date.now() > deadline) throw new Error(`nbdfuse did not expose ${file} (${expectedSize} bytes) within 20 s:\n${output}`);
