@@ -123,6 +123,20 @@ async function writeClusterConfig(dir: string, count = 2): Promise<Cluster> {
   return { config, stateDir: path.join(dir, 'state'), nodes };
 }
 
+/**
+ * `dve up --detach` of the cluster. Free ports are picked by binding and closing, so a
+ * test file running beside this one can take one first: on EADDRINUSE, new ports and
+ * again (the CLI stopped the nodes that did come up).
+ */
+async function dveUp(c: Cluster) {
+  for (let attempt = 1; ; attempt++) {
+    const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+    if (up.code === 0 || attempt === 3 || !/EADDRINUSE/.test(up.stdout + up.stderr)) return up;
+    const fresh = await writeClusterConfig(path.dirname(c.config), c.nodes.length);
+    c.nodes = fresh.nodes;
+  }
+}
+
 /** A foreground `dve up` (the supervisor) under `timeout -s KILL`. */
 function startSupervisor(cleanup: CleanupStack, stateDir: string, args: string[], lifetimeSec = 120) {
   const child = spawn('timeout', ['-s', 'KILL', String(lifetimeSec), process.execPath, DVE, 'up', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -170,7 +184,7 @@ test.serial('up --detach brings up every node of the configuration; down stops t
   const c = await writeClusterConfig(tempDir(t));
   guard(t, c.stateDir);
 
-  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  const up = await dveUp(c);
   notePids(up, c.stateDir);
   t.is(up.code, 0, describeResult(up));
   const pids = new Map<number, number>();
@@ -206,7 +220,7 @@ test.serial('up --detach brings up every node of the configuration; down stops t
 
 /** `dve up --detach` of the cluster; returns the node pids by id. */
 async function upDetached(t: ExecutionContext, c: Cluster): Promise<Map<number, number>> {
-  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  const up = await dveUp(c);
   notePids(up, c.stateDir);
   t.is(up.code, 0, describeResult(up));
   const pids = new Map<number, number>();
@@ -397,7 +411,7 @@ test.serial('foreground up killed with SIGKILL: its nodes notice and stop', asyn
   for (const pid of nodes) t.true(await waitGone(pid, 30_000), `node pid ${pid} is gone`);
   t.deepEqual(pidsIn(c.stateDir).filter(processAlive), [], 'nothing is left running');
   // A stale dve.pid does not block the next start.
-  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  const up = await dveUp(c);
   notePids(up, c.stateDir);
   t.is(up.code, 0, describeResult(up));
   const down = await dve(['down', '--state-dir', c.stateDir]);
@@ -412,7 +426,7 @@ test.serial('a node that cannot start fails up: the other nodes are stopped and 
   await new Promise<void>((resolve) => blocker.listen(c.nodes[1]!.nbd, '127.0.0.1', () => resolve()));
   t.teardown(() => new Promise<void>((r) => blocker.close(() => r())));
 
-  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]);
+  const up = await dve(['up', '--detach', '--config', c.config, '--state-dir', c.stateDir]) /* the port is taken on purpose: no retry */;
   notePids(up, c.stateDir);
   t.is(up.code, 1, describeResult(up));
   t.regex(up.stderr, /dve up: node 2 exited \(code 1\) before it came up; stopping the other nodes; last lines of .*node-2\.log/);
