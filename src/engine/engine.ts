@@ -21,7 +21,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Config } from '../config/config.js';
 import { ExtentAllocator, type Extent as PhysicalExtent } from '../alloc/allocator.js';
-import { ChunkStore, MetadataSuperblockError } from '../meta/chunk-store.js';
+import { ChunkStore } from '../meta/chunk-store.js';
 import { FileMetaDevice } from '../meta/metadata-area.js';
 import { Rmap } from '../map/rmap.js';
 import { RedirectTable, type RedirectEntry } from '../map/redirect.js';
@@ -101,7 +101,7 @@ interface Volume extends VolumeRecord {
   journal: JournalWriter | null;
   /** A journal swap in progress: writes that found the journal full wait for it. */
   swapping: Promise<void> | null;
-  /** The activity log in memory (header.active is its persisted form). */
+  /** Mirror extents whose mirror-write oplock this node holds (the activity log is the node journal's records of them). */
   activeSet: Set<number>;
   /** Extents being added to the activity log: not durable yet, writes wait. */
   activePending: Map<number, Promise<void>>;

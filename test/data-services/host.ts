@@ -5,44 +5,17 @@
 //
 // Every external command runs under `timeout -s KILL`; everything attached is undone
 // from a CleanupStack (and, should the worker die, from a process 'exit' handler).
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { describeResult, exitStatus, mountsUnder, mustRun, run, sleep, type RunResult } from '../helpers/exec.js';
 import type { CleanupStack } from '../helpers/cleanup.js';
-import { startNbdfuse, type FuseFile } from '../helpers/engine-node.js';
+import { killQuietly, onExit, startNbdfuse, syncRun, type FuseFile } from '../helpers/engine-node.js';
 
-// ---------------------------------------------------------------- last-resort undo
-
-const exitUndo: { fn: () => void }[] = [];
-function onExit(fn: () => void): () => void {
-  const e = { fn };
-  exitUndo.push(e);
-  return () => {
-    const i = exitUndo.indexOf(e);
-    if (i >= 0) exitUndo.splice(i, 1);
-  };
-}
-process.on('exit', () => {
-  while (exitUndo.length > 0) {
-    try {
-      exitUndo.pop()!.fn();
-    } catch {
-      /* best effort */
-    }
-  }
-});
-function syncRun(cmd: string, args: string[]): void {
-  spawnSync('timeout', ['-s', 'KILL', '10', cmd, ...args], { stdio: 'ignore' });
-}
+/** SIGKILL a process group (our own children run in their own groups). */
 function killGroup(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL'): void {
-  if (!pid) return;
-  try {
-    process.kill(-pid, sig);
-  } catch {
-    /* gone */
-  }
+  if (pid) killQuietly(-pid, sig);
 }
 
 export function isMounted(dir: string): boolean {

@@ -97,7 +97,8 @@ const livePids = new Set<number>();
  * it creates something and removes it when its own cleanup step ran.
  */
 const exitUndo: { fn: () => void }[] = [];
-function onExit(fn: () => void): () => void {
+/** Undo run at process exit if the cleanup stack never ran (a worker that dies early). */
+export function onExit(fn: () => void): () => void {
   const e = { fn };
   exitUndo.push(e);
   return () => {
@@ -105,7 +106,7 @@ function onExit(fn: () => void): () => void {
     if (i >= 0) exitUndo.splice(i, 1);
   };
 }
-function killQuietly(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL'): void {
+export function killQuietly(pid: number | undefined, sig: NodeJS.Signals = 'SIGKILL'): void {
   if (!pid) return;
   try {
     process.kill(pid, sig);
@@ -124,7 +125,7 @@ process.on('exit', () => {
     }
   }
 });
-function syncRun(cmd: string, args: string[]): void {
+export function syncRun(cmd: string, args: string[]): void {
   spawnSync('timeout', ['-s', 'KILL', '10', cmd, ...args], { stdio: 'ignore' });
 }
 
